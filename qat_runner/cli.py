@@ -1,0 +1,40 @@
+"""`python -m qat_runner`: compose the Hydra config and run one job (or a sweep with -m)."""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from .config import PROJECT_ROOT, ConfigError, register
+
+log = logging.getLogger("qat_runner")
+register()
+
+
+def _sigterm_as_interrupt(signum, frame):  # so SIGTERM ends the MLflow run KILLED, like Ctrl-C
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
+def main(cfg: DictConfig) -> float:
+    from .runner import run  # heavy imports after Hydra has parsed the command line
+
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        summary = run(cfg, output_dir, overrides=",".join(hydra_cfg.overrides.task))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{cfg.experiment_name}: run directory {output_dir}")
+    return summary["int8_acc"]
+
+
+if __name__ == "__main__":
+    main()

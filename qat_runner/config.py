@@ -1,0 +1,195 @@
+"""The structured-config schema (validated by Hydra/OmegaConf on composition) and its checks.
+
+OmegaConf checks types and enum names as the config is composed; `validate` adds the range
+checks (2..8 bits, momentum in (0, 1), step counts, device) before any data or model is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .engine import FeatureScaleStatMethod, QuantConfig, ScaleUpdateMethod
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Where `_target_` may point: ours, torch's and torchvision's namespaces, nothing else.
+ALLOWED_TARGET_PREFIXES = ("qat_runner.", "torch.", "torchvision.")
+
+
+class ConfigError(ValueError):
+    """A bad value in the user's config: reported as one line, exit code 2, before training."""
+
+
+@dataclass
+class PathsConfig:
+    outputs: str = MISSING  # runs, multiruns, the MLflow store and its artifacts
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+    num_classes: int = MISSING
+    in_channels: int = 3
+    image_size: int = MISSING  # the dataset's; some models size their head with it
+    weights: Optional[str] = None  # torchvision weights name, a local checkpoint path, or null
+
+
+@dataclass
+class DatasetConfig:
+    """Keys every dataset has; each dataset's schema below adds its own."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    num_classes: int = MISSING
+    channels: int = MISSING  # what the model expects: grey images are repeated to 3 channels
+    image_size: int = MISSING
+    num_workers: int = 0
+
+
+@dataclass
+class DigitsConfig(DatasetConfig):
+    test_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class FashionMnistConfig(DatasetConfig):
+    root: str = "/usr/share/datasets/fashion-mnist"
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+
+
+@dataclass
+class ImageFolderConfig(DatasetConfig):
+    root: Optional[str] = None
+
+
+@dataclass
+class FakeConfig(DatasetConfig):
+    train_size: int = 256
+    test_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class QuantSchema:
+    bits: int = 8
+    feature_bits: int = 8
+    feature_scale_stat_method: FeatureScaleStatMethod = FeatureScaleStatMethod.PerTensor
+    scale_update_method: ScaleUpdateMethod = ScaleUpdateMethod.MovingAverage
+    momentum: float = 0.99
+    symmetric_features: bool = False
+    calibration_batches: int = 10  # PTQ baseline: batches observed before the PTQ evaluation
+
+
+@dataclass
+class OptimConfig:
+    _target_: str = "torch.optim.SGD"
+    _partial_: bool = True
+    lr: float = 1e-3
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100  # QAT iterations
+    float_steps: int = 0  # float pre-training iterations (0: the model comes in converged)
+    float_lr: float = 0.05
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 10
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = MISSING
+    experiment_name: str = MISSING
+    artifact_root: Optional[str] = None  # where a new experiment keeps artifacts (file stores)
+
+
+@dataclass
+class RunConfig:
+    experiment_name: str = MISSING
+    seed: int = 0
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = MISSING
+    dataset: Any = MISSING  # typed by the dataset's own schema (see register)
+    quant: QuantSchema = field(default_factory=QuantSchema)
+    optim: Any = MISSING  # keeps optimizer-specific keys (momentum, betas, ...) open
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = MISSING
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore and register the `qat_root` resolver."""
+    if not OmegaConf.has_resolver("qat_root"):
+        OmegaConf.register_new_resolver("qat_root", lambda: str(PROJECT_ROOT))
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    for name, node in (("digits", DigitsConfig), ("fashion_mnist", FashionMnistConfig),
+                       ("imagefolder", ImageFolderConfig), ("fake", FakeConfig)):
+        cs.store(group="dataset", name=f"{name}_schema", node=node)
+
+
+def quant_config(cfg: DictConfig) -> QuantConfig:
+    q = cfg.quant
+    return QuantConfig(bits=q.bits, feature_bits=q.feature_bits,
+                       feature_scale_stat_method=q.feature_scale_stat_method,
+                       scale_update_method=q.scale_update_method, momentum=q.momentum,
+                       symmetric_features=q.symmetric_features)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present; an unavailable CUDA device is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"trainer.device={name!r} is not accepted: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                   or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"trainer.device={name!r} is not available on this machine "
+                          f"({torch.cuda.device_count()} CUDA devices): use auto or cpu")
+    return device
+
+
+def _check_target(key: str, node: Any) -> None:
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if target is not None and not str(target).startswith(ALLOWED_TARGET_PREFIXES):
+        raise ConfigError(f"{key}._target_={target!r} is not accepted: targets must be in the "
+                          f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGET_PREFIXES)} namespaces")
+
+
+def validate(cfg: DictConfig) -> QuantConfig:
+    """Every check that needs no data or model; raises ConfigError naming the bad value."""
+    try:
+        quant = quant_config(cfg)
+    except ValueError as err:
+        raise ConfigError(f"quant.{err}") from None
+    for key in ("model", "dataset", "optim"):
+        _check_target(key, cfg[key])
+    t = cfg.trainer
+    for key in ("max_steps", "float_steps"):
+        if t[key] < 0:
+            raise ConfigError(f"trainer.{key}={t[key]!r} is not accepted: use an integer >= 0")
+    for key in ("batch_size", "eval_batch_size", "log_every"):
+        if t[key] < 1:
+            raise ConfigError(f"trainer.{key}={t[key]!r} is not accepted: use an integer >= 1")
+    if cfg.quant.calibration_batches < 1:
+        raise ConfigError(f"quant.calibration_batches={cfg.quant.calibration_batches!r} is not "
+                          "accepted: use an integer >= 1")
+    if cfg.model.num_classes < 1:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes!r} is not accepted: use an integer >= 1")
+    if not cfg.optim.get("lr", 1.0) > 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr!r} is not accepted: use a number > 0")
+    resolve_device(t.device)
+    return quant

@@ -1,0 +1,132 @@
+"""QAT layers: Conv2d (optionally fused with BatchNorm2d and ReLU/ReLU6) and Linear.
+
+Training: fake-quantized weights (recomputed every step), BatchNorm on batch statistics, then
+the activation and the output feature quantizer. Test phase: BatchNorm folded into weight and
+bias, weights as integers times per-channel scales, bias as int32 on the input*weight scale,
+output quantized with the frozen running range -- what the integer kernels compute.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import QuantConfig
+from .fake_quant import (
+    FeatureQuantizer,
+    _channel_view,
+    fake_quantize_weight,
+    quantize_bias,
+    quantize_weight,
+)
+
+ACTIVATIONS = ("relu", "relu6")
+
+
+def apply_weights(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """Run `layer`'s operation with the given weight and bias (keeps stride, groups, padding mode)."""
+    if isinstance(layer, nn.Conv2d):
+        return layer._conv_forward(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "relu6":
+        return F.relu6(y)
+    return y
+
+
+class QuantLayer(nn.Module):
+    """Shared logic of the quantized Conv2d and Linear; subclasses say how to apply weights."""
+
+    def __init__(
+        self,
+        layer: nn.Conv2d | nn.Linear,
+        config: QuantConfig,
+        bn: nn.BatchNorm2d | None = None,
+        activation: str | None = None,
+    ) -> None:
+        super().__init__()
+        if activation not in (None, *ACTIVATIONS):
+            raise ValueError(f"activation={activation!r} is not accepted: use one of {ACTIVATIONS} or None")
+        self.layer = layer
+        self.bn = bn
+        self.activation = activation
+        self.bits = config.bits
+        self.output_quant = FeatureQuantizer(config, self.out_channels, self.channel_axis)
+        # The quantizer of this layer's input lives elsewhere in the graph (it may be shared, or
+        # be the previous layer's output quantizer); a list keeps it out of this module's children.
+        self._input_quant: list[FeatureQuantizer] = []
+
+    channel_axis = 1  # where a feature's channels are: 1 for NCHW, -1 for Linear features
+
+    @property
+    def out_channels(self) -> int:
+        return self.layer.weight.shape[0]
+
+    @property
+    def input_quant(self) -> FeatureQuantizer | None:
+        return self._input_quant[0] if self._input_quant else None
+
+    def set_input_quant(self, quantizer: FeatureQuantizer) -> None:
+        self._input_quant[:] = [quantizer]
+
+    def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias with BatchNorm's running statistics folded in (exact per channel)."""
+        weight = self.layer.weight
+        bias = self.layer.bias if self.layer.bias is not None else torch.zeros(
+            self.out_channels, device=weight.device, dtype=weight.dtype)
+        if self.bn is None:
+            return weight, bias
+        bn = self.bn
+        inv_std = torch.rsqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(inv_std)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(inv_std)
+        factor = gamma * inv_std
+        return weight * _channel_view(factor, weight.dim()), (bias - bn.running_mean) * factor + beta
+
+    def bias_scale(self, weight_scale: torch.Tensor) -> torch.Tensor | None:
+        """input_scale * weight_scale, or None where the bias cannot be an int32 (per-channel input)."""
+        quant = self.input_quant
+        if quant is None or quant.per_channel:
+            return None
+        return quant.scale * weight_scale
+
+    def integer_parameters(self) -> dict[str, torch.Tensor | None]:
+        """What the integer model stores for this layer: int weight, scales, int32 bias."""
+        weight, bias = self.folded_weight_bias()
+        q_weight, w_scale = quantize_weight(weight, self.bits)
+        b_scale = self.bias_scale(w_scale)
+        q_bias = quantize_bias(bias, b_scale) if b_scale is not None else None
+        return {"weight": q_weight, "weight_scale": w_scale, "bias": q_bias,
+                "bias_scale": b_scale, "float_bias": bias.detach() if q_bias is None else None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            y = apply_weights(self.layer, x, fake_quantize_weight(self.layer.weight, self.bits), self.layer.bias)
+            if self.bn is not None:
+                y = self.bn(y)
+        else:
+            p = self.integer_parameters()
+            weight = p["weight"].to(x.dtype) * _channel_view(p["weight_scale"], p["weight"].dim())
+            bias = p["bias"].to(x.dtype) * p["bias_scale"] if p["bias"] is not None else p["float_bias"]
+            y = apply_weights(self.layer, x, weight, bias)
+        return self.output_quant(apply_activation(y, self.activation))
+
+    def extra_repr(self) -> str:
+        fused = "+bn" if self.bn is not None else ""
+        act = f"+{self.activation}" if self.activation else ""
+        return f"bits={self.bits}, fused={type(self.layer).__name__}{fused}{act}"
+
+
+class QuantConv2d(QuantLayer):
+    """Conv2d of any groups (depthwise included), optionally fused with BN and ReLU/ReLU6."""
+
+
+class QuantLinear(QuantLayer):
+    """Linear with an optional ReLU; features are channel-last."""
+
+    channel_axis = -1

@@ -1,0 +1,162 @@
+"""One experiment, end to end: data, float model, PTQ baseline, QAT, int8 artifact, runtime check.
+
+Read top to bottom; each step is one call into a module that does one job.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from . import tracking
+from .artifact import check_artifact, integer_kernel_count
+from .config import ConfigError, resolve_device, validate
+from .data import DataSplits
+from .engine import calibrate, format_report, quantization_report, turn_quantize
+from .engine.export import export_float_onnx, export_int8_onnx
+from .models import weights_eval_transform
+from .train import evaluate, train
+
+log = logging.getLogger(__name__)
+for _noisy in ("onnx_ir", "onnxscript"):  # the ONNX exporter logs every pass at INFO
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+INT8_FILE, FLOAT_FILE, SUMMARY_FILE = "model.int8.onnx", "model.float.onnx", "summary.json"
+
+
+def build(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, but a ConfigError from our builders stays a ConfigError."""
+    try:
+        return instantiate(node, **kwargs, _convert_="all")
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def build_data(cfg: DictConfig) -> DataSplits:
+    eval_transform = None
+    if cfg.dataset.name == "imagefolder":  # named torchvision weights bring their own preprocessing
+        eval_transform = weights_eval_transform(cfg.model.name, cfg.model.weights)
+    extra = {"eval_transform": eval_transform} if eval_transform is not None else {}
+    return build(cfg.dataset, **extra)
+
+
+def loaders(cfg: DictConfig, data: DataSplits, generator: torch.Generator) -> tuple[DataLoader, DataLoader]:
+    t = cfg.trainer
+    if t.batch_size > len(data.train):
+        raise ConfigError(f"trainer.batch_size={t.batch_size} is larger than the training set "
+                          f"({len(data.train)} samples): use at most {len(data.train)}")
+    common = {"num_workers": cfg.dataset.num_workers, "pin_memory": torch.cuda.is_available()}
+    train_loader = DataLoader(data.train, batch_size=t.batch_size, shuffle=True, drop_last=True,
+                              generator=generator, **common)
+    test_loader = DataLoader(data.test, batch_size=t.eval_batch_size, shuffle=False, **common)
+    return train_loader, test_loader
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def result_table(summary: dict) -> str:
+    rows = [("float accuracy", f"{summary['float_acc']:.4f}"),
+            ("PTQ accuracy (calibration only)", f"{summary['ptq_acc']:.4f}"),
+            ("QAT accuracy (test phase)", f"{summary['qat_acc']:.4f}"),
+            ("int8 artifact accuracy (onnxruntime)", f"{summary['int8_acc']:.4f}"),
+            ("agreement artifact vs test phase", f"{summary['int8_agreement']:.4f}"),
+            ("float ONNX size", f"{summary['float_bytes']:,} B"),
+            ("int8 artifact size", f"{summary['int8_bytes']:,} B ({summary['size_ratio']:.1%} of float)"),
+            ("integer kernels run / quantized layers", f"{summary['int8_kernels']} / {summary['quantized_layers']}")]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
+    """Run one job; returns the summary also written to `output_dir/summary.json`."""
+    quant = validate(cfg)  # every check that needs no data or model, before loading anything
+    device = resolve_device(cfg.trainer.device)
+    generator = seed_everything(cfg.seed)
+    data = build_data(cfg)
+    model = build(cfg.model).to(device)
+    train_loader, test_loader = loaders(cfg, data, generator)
+    example = next(iter(test_loader))[0][:2]
+
+    tags = {"git_commit": tracking.git_commit() or "unknown", "hydra_overrides": overrides or "(none)",
+            "model": cfg.model.name, "dataset": cfg.dataset.name}
+    with tracking.tracked_run(cfg.tracking.uri, cfg.tracking.experiment_name, cfg.tracking.artifact_root,
+                              run_name=output_dir.name, tags=tags) as active:
+        run_id = active.info.run_id
+        tracking.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
+        OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
+        log_every = cfg.trainer.log_every
+
+        if cfg.trainer.float_steps > 0:
+            optimizer = instantiate(cfg.optim, lr=cfg.trainer.float_lr)(model.parameters())
+            train(model, train_loader, optimizer, cfg.trainer.float_steps, device, "float training",
+                  lambda s, loss, acc: tracking.mlflow.log_metrics({"float_train_loss": loss, "float_train_acc": acc}, step=s),
+                  log_every)
+        float_acc = evaluate(model, test_loader, device)
+        log.info("float accuracy %.4f", float_acc)
+
+        qat = turn_quantize(model, bits=quant.bits, feature_bits=quant.feature_bits,
+                            feature_scale_stat_method=quant.feature_scale_stat_method,
+                            scale_update_method=quant.scale_update_method, momentum=quant.momentum,
+                            symmetric_features=quant.symmetric_features)
+        layers = quantization_report(qat)
+        (output_dir / "quantized_layers.txt").write_text(format_report(layers) + "\n")
+        calibrate(qat, train_loader, cfg.quant.calibration_batches)
+        ptq_acc = evaluate(qat, test_loader, device)
+        log.info("PTQ accuracy %.4f (%d calibration batches)", ptq_acc, cfg.quant.calibration_batches)
+
+        optimizer = instantiate(cfg.optim)(qat.parameters())
+        result = train(qat, train_loader, optimizer, cfg.trainer.max_steps, device, "QAT",
+                       lambda s, loss, acc: tracking.mlflow.log_metrics({"train_loss": loss, "train_acc": acc}, step=s),
+                       log_every)
+        qat_acc = evaluate(qat, test_loader, device)
+        log.info("QAT accuracy %.4f after %d steps (%.1f s)", qat_acc, result.steps, result.seconds)
+
+        model.cpu()
+        qat.cpu()
+        float_path = export_float_onnx(model, example, output_dir / FLOAT_FILE)
+        int8_path = export_int8_onnx(qat, example, output_dir / INT8_FILE)
+        check = check_artifact(int8_path, qat, test_loader)
+        summary = {
+            "float_acc": float_acc, "ptq_acc": ptq_acc, "qat_acc": qat_acc,
+            "int8_acc": check.int8_acc, "int8_agreement": check.agreement,
+            "float_bytes": float_path.stat().st_size, "int8_bytes": int8_path.stat().st_size,
+            "bits": quant.bits, "feature_bits": quant.feature_bits, "mlflow_run_id": run_id,
+            "train_seconds": result.seconds, "quantized_layers": sum(r.weight_bits is not None for r in layers),
+            "int8_kernels": integer_kernel_count(int8_path), "test_samples": check.samples,
+        }
+        summary["size_ratio"] = summary["int8_bytes"] / summary["float_bytes"]
+        write_json_atomically(output_dir / SUMMARY_FILE, summary)
+
+        tracking.mlflow.log_metrics({k: float(v) for k, v in summary.items()
+                                     if isinstance(v, (int, float)) and k not in ("bits", "feature_bits")})
+        for name in (SUMMARY_FILE, "resolved_config.yaml", "quantized_layers.txt"):
+            tracking.mlflow.log_artifact(str(output_dir / name))
+        with torch.no_grad():
+            example_output = qat.eval()(example).numpy()
+        tracking.log_onnx_model(int8_path, example.numpy(), example_output)
+    log.info("results\n%s", result_table(summary))
+    return summary
