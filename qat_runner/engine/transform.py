@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import torch
 from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.nn import functional as F
 
 from .config import FeatureScaleStatMethod, QuantConfig, ScaleUpdateMethod
@@ -18,9 +19,10 @@ from .fake_quant import FeatureQuantizer
 from .modules import QuantConv2d, QuantLayer, QuantLinear
 
 # Ops whose output lies on the same quantization grid as their input (values are only moved or
-# selected), so a quantized input needs no second quantizer after them.
-_GRID_PRESERVING_MODULES = (nn.Flatten, nn.MaxPool2d, nn.Dropout, nn.Identity)
-_GRID_PRESERVING_FUNCTIONS = (torch.flatten, F.max_pool2d, F.dropout, torch.reshape)
+# selected), so a quantized input needs no second quantizer after them. Not Dropout: in
+# training it scales the kept values by 1/(1-p), off the grid.
+_GRID_PRESERVING_MODULES = (nn.Flatten, nn.MaxPool2d, nn.Identity)
+_GRID_PRESERVING_FUNCTIONS = (torch.flatten, F.max_pool2d, torch.reshape)
 _GRID_PRESERVING_METHODS = ("flatten", "view", "reshape", "contiguous")
 _RELU_FUNCTIONS = (F.relu, torch.relu)
 
@@ -66,8 +68,10 @@ def _call_counts(graph: fx.Graph) -> dict[str, int]:
 def _fuse_layers(gm: fx.GraphModule, config: QuantConfig) -> list[fx.Node]:
     """Replace Conv2d(+BN)(+ReLU/ReLU6) and Linear(+ReLU) nodes with QAT layer nodes."""
     calls = _call_counts(gm.graph)
-    new_nodes = []
+    new_nodes, erased = [], set()
     for node in list(gm.graph.nodes):
+        if node in erased:
+            continue
         layer = _module(gm, node)
         if type(layer) not in (nn.Conv2d, nn.Linear) or calls[node.target] != 1 or len(node.args) != 1:
             continue  # a weight-shared layer or an unusual call stays float
@@ -91,6 +95,9 @@ def _fuse_layers(gm: fx.GraphModule, config: QuantConfig) -> list[fx.Node]:
         chain[-1].replace_all_uses_with(fused)
         for old in reversed(chain):
             gm.graph.erase_node(old)
+            erased.add(old)
+        if bn is not None:  # now reached as <layer>.bn; its old path would register it twice
+            gm.delete_submodule(chain[1].target)
         new_nodes.append(fused)
     return new_nodes
 
@@ -150,5 +157,7 @@ def turn_quantize(
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    gm.quant_config = config
+    gm.quant_config = config  # the validated settings, for reports and exporters
+    # GraphModule's deepcopy keeps only attributes listed under this meta key.
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})["quant_config"] = config
     return gm.train(training)

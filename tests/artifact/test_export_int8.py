@@ -144,7 +144,7 @@ def lenet_qat(float_lenet, digits_split, qat_lenet_factory, tmp_path_factory) ->
     folder = tmp_path_factory.mktemp("lenet")
     out = {}
     for bits in (8, 4):
-        model = qat_lenet_factory(float_lenet, digits_split, bits=bits)
+        model = qat_lenet_factory(float_lenet, digits_split, bits=bits, feature_scale_stat_method="PerTensor")
         out[bits] = Exported(model, export_int8_onnx(model, digits_split.x_test[:1], folder / f"lenet{bits}.onnx"))
     return out
 
@@ -168,12 +168,13 @@ def test_lenet_8bit_per_tensor_runs_integer_kernels(lenet_qat, tmp_path):
 def test_lenet_weights_are_integers_without_float_twin(lenet_qat):
     for bits, exported in lenet_qat.items():
         proto = onnx.load(str(exported.path))
-        assert proto.opset_import[0].version == OPSET or any(
-            o.domain in ("", "ai.onnx") and o.version == OPSET for o in proto.opset_import)
+        assert any(o.domain in ("", "ai.onnx") and o.version == OPSET for o in proto.opset_import)
         assert_integer_weights_only(proto, exported.model, bits)
-        # biases of layers with a per-tensor input are int32
-        bias_types = {inits.data_type for inits in proto.graph.initializer if inits.name.endswith("bias_int")}
-        assert bias_types <= {TensorProto.INT32}
+        # every layer has a per-tensor input here, so every bias is an int32 initializer
+        types = {i.name: i.data_type for i in proto.graph.initializer}
+        int32_biases = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+                        and types.get(n.input[0]) == TensorProto.INT32]
+        assert len(int32_biases) == len(quantized_rows(exported.model))
 
 
 def test_lenet_int8_weights_equal_the_models_integers(lenet_qat):
@@ -341,6 +342,8 @@ def test_mobilenet_int4_is_packed_smaller_and_runs(mobilenet):
         assert_batch_dim_dynamic(mobilenet.paths[bits])
         sess = session(mobilenet.paths[bits])
         name = sess.get_inputs()[0].name
+        last_layer = [m for m in mobilenet.models[bits].modules() if isinstance(m, QuantLayer)][-1]
+        step = float(last_layer.output_quant.scale.max())
         for n in (1, 7):
             out = sess.run(None, {name: mobilenet.batch[:n].numpy()})[0]
             with torch.no_grad():
@@ -348,9 +351,9 @@ def test_mobilenet_int4_is_packed_smaller_and_runs(mobilenet):
             assert out.shape == expected.shape == (n, 10)
             assert np.isfinite(out).all()
             # same values up to a few steps of the output grid (float rounding across 53 layers)
-            spread = float(expected.max() - expected.min())
-            assert spread > 0
-            np.testing.assert_allclose(out, expected, atol=0.05 * spread)
+            assert float(expected.max() - expected.min()) > 10 * step
+            np.testing.assert_allclose(out, expected, rtol=0, atol=3 * step)
+            np.testing.assert_array_equal(out.argmax(axis=1), expected.argmax(axis=1))
 
 
 @pytest.mark.slow

@@ -230,7 +230,7 @@ class MLPWithDropout(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(12, 16)
         self.relu = nn.ReLU()
-        self.drop = nn.Dropout(0.5)
+        self.drop = nn.Dropout(0.3)
         self.fc2 = nn.Linear(16, 10)
 
     def forward(self, x):
@@ -288,3 +288,28 @@ def test_every_quantized_layer_sees_a_quantized_input(name, stat, mode, make_len
     assert len(dist) == len(weighted_modules(model))
     off = {k: v for k, v in dist.items() if not v < 1e-2}
     assert not off, f"inputs off the quantization grid (in steps): {off}"
+
+
+def test_state_dict_round_trip_and_deepcopy(make_lenet, digits):
+    """A calibrated QAT model's state restores into a fresh turn_quantize copy of the same model,
+    and a deep copy keeps the quantizers shared between layers."""
+    import copy
+
+    model = make_lenet()
+    gm = turn_quantize(model)
+    calibrate(gm, [digits.x_train[:200]], 1)
+    x = digits.x_test[:50]
+    with torch.no_grad():
+        expected = gm(x)
+
+    fresh = turn_quantize(model)
+    fresh.load_state_dict(gm.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+
+    dup = copy.deepcopy(gm)
+    assert dup.conv2.input_quant is dup.conv1.output_quant
+    assert dup.conv2.input_quant is not gm.conv1.output_quant
+    with torch.no_grad():
+        assert torch.equal(dup(x), expected)
