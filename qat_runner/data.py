@@ -46,9 +46,12 @@ class MatchChannels(torch.nn.Module):
         raise ConfigError(f"cannot turn {image.shape[-3]}-channel images into {self.channels} channels")
 
 
-def _normalize(channels: int, mean: float, std: float) -> v2.Normalize:
-    if channels == 3 and mean is None:
-        return v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+def _normalize(channels: int, mean: float | None, std: float | None) -> v2.Normalize:
+    """Per-dataset grey statistics, or ImageNet's (averaged over RGB for a grey model)."""
+    if mean is None or std is None:
+        if channels == 3:
+            return v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        mean, std = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
     return v2.Normalize([mean] * channels, [std] * channels)
 
 

@@ -106,7 +106,7 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
     with tracking.tracked_run(cfg.tracking.uri, cfg.tracking.experiment_name, cfg.tracking.artifact_root,
                               run_name=output_dir.name, tags=tags) as active:
         run_id = active.info.run_id
-        tracking.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
+        tracking.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
         OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
         log_every = cfg.trainer.log_every
 

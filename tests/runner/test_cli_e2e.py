@@ -1,0 +1,203 @@
+"""End to end: `python -m qat_runner` from an unrelated working directory trains, quantizes,
+exports, checks the int8 artifact in onnxruntime and records everything in MLflow."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runner_support import (RUN_FILES_FLOAT, RUN_FILES_INT8, SUMMARY, SUMMARY_KEYS, CliResult,
+                            run_dirs, run_many, running_mlflow_runs)
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["trainer.float_steps=150", "trainer.max_steps=20"]
+FOUR_BIT = ["quant.bits=4", "quant.feature_scale_stat_method=PerChannel",
+            "quant.scale_update_method=Maximum"]
+LOGGED_METRICS = ("float_acc", "qat_acc", "int8_acc", "int8_agreement", "float_bytes", "int8_bytes")
+
+
+@pytest.fixture(scope="module")
+def jobs(qat_cli, tmp_path_factory) -> dict[str, CliResult]:
+    """The 8-bit default job and the 4-bit PerChannel/Maximum job, run side by side."""
+    out8 = tmp_path_factory.mktemp("e2e_int8")
+    out4 = tmp_path_factory.mktemp("e2e_int4")
+    return run_many(qat_cli, {"int8": (COMMON, out8), "int4": (COMMON + FOUR_BIT, out4)},
+                    concurrency=2, timeout=300)
+
+
+def _ok(result: CliResult) -> Path:
+    """The one run directory of a successful job."""
+    assert result.returncode == 0, result.describe()
+    dirs = run_dirs(result.outputs, "lenet_digits")
+    assert len(dirs) == 1, (dirs, result.describe())
+    return dirs[0]
+
+
+def _summary(result: CliResult) -> dict:
+    return json.loads((_ok(result) / SUMMARY).read_text())
+
+
+def _check_summary(summary: dict, bits: int) -> None:
+    assert SUMMARY_KEYS <= summary.keys(), SUMMARY_KEYS - summary.keys()
+    for key in ("float_acc", "ptq_acc", "qat_acc", "int8_acc", "int8_agreement"):
+        assert 0.0 <= summary[key] <= 1.0, (key, summary[key])
+    assert summary["int8_agreement"] >= 0.99, summary
+    assert summary["int8_bytes"] < summary["float_bytes"], summary
+    assert summary["bits"] == bits and summary["feature_bits"] == 8
+    assert isinstance(summary["mlflow_run_id"], str) and len(summary["mlflow_run_id"]) == 32
+    assert summary["train_seconds"] > 0
+    # 150 float steps on digits learn the task; QAT must not destroy it
+    assert summary["float_acc"] > 0.8 and summary["int8_acc"] > 0.8, summary
+
+
+# --------------------------------------------------------------------------------------------
+# The default 8-bit job
+
+
+def test_exit_code_and_run_dir(jobs):
+    result = jobs["int8"]
+    run_dir = _ok(result)
+    assert run_dir.parent == result.outputs / "runs" / "lenet_digits"
+    assert (run_dir / RUN_FILES_INT8).is_file() and (run_dir / RUN_FILES_INT8).stat().st_size > 0
+    assert (run_dir / RUN_FILES_FLOAT).is_file() and (run_dir / RUN_FILES_FLOAT).stat().st_size > 0
+    assert (run_dir / ".hydra").is_dir()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / SUMMARY).is_file()
+    assert str(run_dir) in result.stdout, "the CLI names its run directory"
+
+
+def test_nothing_written_to_working_directory(jobs, qat_cli):
+    """Outputs land under paths.outputs, not in the cwd (the job ran from an empty folder)."""
+    result = jobs["int8"]
+    job_dirs = sorted(qat_cli.base.glob("job*/cwd"))
+    assert job_dirs, "the jobs ran from their own empty working directories"
+    for cwd in job_dirs:
+        assert list(cwd.iterdir()) == [], f"{cwd} got {list(cwd.iterdir())}"
+    assert (result.outputs / "mlflow.db").is_file()
+
+
+def test_no_leftover_temporary_files(jobs):
+    for key in ("int8", "int4"):
+        outputs = jobs[key].outputs
+        _ok(jobs[key])
+        leftovers = [p for p in outputs.rglob("*")
+                     if p.name.endswith(".tmp") or p.name.startswith((".summary.json.", ".model."))]
+        assert leftovers == []
+
+
+def test_summary(jobs):
+    _check_summary(_summary(jobs["int8"]), bits=8)
+
+
+def test_mlflow_run(jobs, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    result = jobs["int8"]
+    run_dir = _ok(result)
+    summary = _summary(result)
+    client = MlflowClient(tracking_uri=f"sqlite:///{result.outputs}/mlflow.db")
+    experiment = client.get_experiment_by_name("lenet_digits")
+    assert experiment is not None
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.experiment_id == experiment.experiment_id
+    assert run.info.run_name == run_dir.name
+    assert running_mlflow_runs(result.outputs) == []
+
+    metrics = run.data.metrics
+    for key in LOGGED_METRICS:
+        assert key in metrics, key
+        assert metrics[key] == pytest.approx(float(summary[key])), key
+
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    steps = [m.step for m in history]
+    assert len(history) >= 2, steps
+    assert steps == sorted(steps) and steps[-1] == 20
+    assert all(math.isfinite(m.value) for m in history)
+    assert len(client.get_metric_history(run.info.run_id, "float_train_loss")) >= 5
+
+    params = run.data.params
+    assert params["quant.bits"] == "8"
+    assert params["trainer.max_steps"] == "20"
+    assert params["trainer.float_steps"] == "150"
+    assert params["paths.outputs"] == str(result.outputs)
+
+    tags = run.data.tags
+    assert "hydra_overrides" in tags
+    assert "trainer.max_steps=20" in tags["hydra_overrides"]
+    assert tags.get("model") == "lenet" and tags.get("dataset") == "digits"
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.json", "resolved_config.yaml"} <= artifacts, artifacts
+    local = client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))
+    assert json.loads(Path(local).read_text()) == summary
+
+
+def test_mlflow_logged_onnx_model(jobs):
+    import mlflow
+    import onnxruntime as ort
+    from mlflow.tracking import MlflowClient
+
+    result = jobs["int8"]
+    run_dir = _ok(result)
+    summary = _summary(result)
+    uri = f"sqlite:///{result.outputs}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("lenet_digits")
+    logged = [m for m in client.search_logged_models(experiment_ids=[experiment.experiment_id])
+              if m.source_run_id == summary["mlflow_run_id"]]
+    assert len(logged) == 1, logged
+    model_uri = logged[0].model_uri
+    assert model_uri.startswith("models:/")
+    # the run records the model as its output too
+    run = client.get_run(summary["mlflow_run_id"])
+    assert logged[0].model_id in [o.model_id for o in run.outputs.model_outputs]
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+    x = np.random.default_rng(0).normal(size=(2, 1, 8, 8)).astype(np.float32)
+    prediction = model.predict(x)
+    if isinstance(prediction, dict):
+        assert len(prediction) == 1, prediction.keys()
+        prediction = next(iter(prediction.values()))
+    scores = np.asarray(prediction.to_numpy() if hasattr(prediction, "to_numpy") else prediction)
+    assert scores.shape == (2, 10)
+    assert np.isfinite(scores).all()
+
+    # the logged model is the artifact in the run directory
+    sess = ort.InferenceSession(str(run_dir / RUN_FILES_INT8), providers=["CPUExecutionProvider"])
+    local = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(scores, local, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# 4-bit weights, PerChannel features, Maximum scale updates
+
+
+def test_four_bit_perchannel_maximum(jobs):
+    result = jobs["int4"]
+    run_dir = _ok(result)
+    summary = _summary(result)
+    _check_summary(summary, bits=4)
+    assert (run_dir / RUN_FILES_INT8).is_file()
+    assert summary["int8_bytes"] < summary["float_bytes"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{result.outputs}/mlflow.db")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["quant.bits"] == "4"
+    for key in ("quant.feature_scale_stat_method", "quant.scale_update_method"):
+        assert key in run.data.params
+    assert "PerChannel" in run.data.params["quant.feature_scale_stat_method"]
+    assert "Maximum" in run.data.params["quant.scale_update_method"]

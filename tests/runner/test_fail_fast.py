@@ -1,0 +1,112 @@
+"""Fail fast: a job that cannot succeed stops within seconds, before training, with one line
+on stderr that names the bad value and says how to fix it; it leaves no artifact and no MLflow
+run in RUNNING state."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from runner_support import (RUN_FILES_INT8, CliResult, make_imagefolder, run_dirs, run_many,
+                            running_mlflow_runs)
+
+
+def _assert_nothing_left_running(result: CliResult) -> None:
+    outputs = result.outputs
+    assert list(outputs.rglob(RUN_FILES_INT8)) == [], "a failed job must not ship an artifact"
+    assert list(outputs.rglob("summary.json")) == []
+    assert running_mlflow_runs(outputs) == [], "a failed job left an MLflow run RUNNING"
+
+
+def _one_error_line(result: CliResult) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.describe()
+    assert lines[0].startswith("error: "), result.describe()
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The MobileNetV2 recipe without ImageNet or its weights
+
+
+def test_mobilenetv2_without_dataset_root(qat_cli, tmp_path):
+    outputs = tmp_path / "out"
+    result = qat_cli.run(["+experiment=mobilenetv2"], outputs, timeout=120)
+    assert result.returncode != 0, result.describe()
+    assert result.seconds < 60, f"took {result.seconds:.1f} s to fail"
+    assert "dataset.root" in result.stderr, result.describe()
+    assert re.search(r"dataset\.root=\S", result.stderr), "must say how to provide it: dataset.root=..."
+    assert result.returncode == 2
+    _one_error_line(result)
+    _assert_nothing_left_running(result)
+
+
+def test_mobilenetv2_without_weights(qat_cli, tmp_path):
+    root = make_imagefolder(tmp_path / "imagenet", classes=("only",), per_class=1, size=8)
+    outputs = tmp_path / "out"
+    result = qat_cli.run(["+experiment=mobilenetv2", f"dataset.root={root}", "dataset.num_classes=1"],
+                         outputs, timeout=120)
+    assert result.returncode != 0, result.describe()
+    assert result.seconds < 60, f"took {result.seconds:.1f} s to fail"
+    err = result.stderr
+    assert "dataset.root" not in err, "the dataset is fine now: " + err
+    assert "model.weights" in err, result.describe()
+    # names the missing weights file (TORCH_HOME is an empty folder for these jobs)
+    assert re.search(r"mobilenet_v2-\w+\.pth", err), err
+    assert str(qat_cli.torch_home) in err, err
+    # and says how to provide it
+    assert re.search(r"model\.weights=(/|PATH)", err), err
+    assert result.returncode == 2
+    _one_error_line(result)
+    _assert_nothing_left_running(result)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad values: exit 2, one line naming the value (our checks) or Hydra's error (schema)
+
+BAD_VALUES = {
+    "bits_9": (["quant.bits=9"], "quant.bits=9"),
+    "bits_0": (["quant.bits=0"], "quant.bits=0"),
+    "momentum_1.5": (["quant.momentum=1.5"], "quant.momentum=1.5"),
+    "model_name": (["model=torchvision", "model.name=not_a_model"], "not_a_model"),
+    "batch_size": (["trainer.batch_size=5000"], "trainer.batch_size=5000"),
+    "device_cuda": (["trainer.device=cuda"], "trainer.device='cuda'"),
+}
+SCHEMA_ERRORS = {
+    "bits_eight": (["quant.bits=eight"], "eight"),
+    "scale_update_foo": (["quant.scale_update_method=Foo"], "Foo"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(qat_cli, tmp_path_factory) -> dict[str, CliResult]:
+    jobs = {}
+    for key, (overrides, _needle) in {**BAD_VALUES, **SCHEMA_ERRORS}.items():
+        if key == "device_cuda" and torch.cuda.is_available():
+            continue
+        jobs[key] = (overrides, tmp_path_factory.mktemp(f"bad_{key}"))
+    return run_many(qat_cli, jobs, concurrency=3, timeout=180)
+
+
+@pytest.mark.parametrize("key", list(BAD_VALUES))
+def test_bad_value_exits_2(bad_runs, key):
+    if key == "device_cuda" and torch.cuda.is_available():
+        pytest.skip("trainer.device=cuda is valid on a machine with CUDA")
+    result = bad_runs[key]
+    _overrides, needle = BAD_VALUES[key]
+    assert result.returncode == 2, result.describe()
+    line = _one_error_line(result)
+    assert needle in line, line
+    assert "Traceback" not in result.stdout + result.stderr
+    _assert_nothing_left_running(result)
+
+
+@pytest.mark.parametrize("key", list(SCHEMA_ERRORS))
+def test_schema_error_exits_nonzero(bad_runs, key):
+    result = bad_runs[key]
+    _overrides, needle = SCHEMA_ERRORS[key]
+    assert result.returncode != 0, result.describe()
+    assert needle in result.stderr, result.describe()
+    assert run_dirs(result.outputs) == [], "Hydra rejects the override before the job starts"
+    _assert_nothing_left_running(result)
