@@ -44,7 +44,7 @@ class QuantDequant(nn.Module):
             shape = [1] * x.dim()
             shape[self.channel_axis % x.dim()] = -1
             scale, zero = self.scale.reshape(shape), self.zero_point.reshape(shape)
-            q = torch.clamp(torch.round(x * (1.0 / scale)) + zero, self.quant_min, self.quant_max).to(self.dtype)
+            q = torch.clamp(torch.round(x / scale) + zero, self.quant_min, self.quant_max).to(self.dtype)
             return (q.to(x.dtype) - zero) * scale
         q = qd.quantize_per_tensor(x, self.scale_value, self.zero_point_value, *args)
         return qd.dequantize_per_tensor(q, self.scale_value, self.zero_point_value, *args)
