@@ -22,7 +22,7 @@ def _sigterm_as_interrupt(signum, frame):  # so SIGTERM ends the MLflow run KILL
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> float:
-    from .runner import run  # heavy imports after Hydra has parsed the command line
+    from .runner import TrainingError, run  # heavy imports after Hydra has parsed the command line
 
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     hydra_cfg = HydraConfig.get()
@@ -32,6 +32,13 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"interrupted: MLflow run marked KILLED; resume with trainer.resume={output_dir}",
+              file=sys.stderr)
+        sys.exit(130)
     print(f"{cfg.experiment_name}: run directory {output_dir}")
     return summary["int8_acc"]
 

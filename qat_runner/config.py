@@ -103,6 +103,8 @@ class TrainerConfig:
     eval_batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10
+    checkpoint_every: int = 50  # QAT steps between checkpoints (0: only on Ctrl-C/SIGTERM)
+    resume: Optional[str] = None  # a checkpoint file or a run directory to continue
 
 
 @dataclass
@@ -181,6 +183,8 @@ def validate(cfg: DictConfig) -> QuantConfig:
     for key in ("max_steps", "float_steps"):
         if t[key] < 0:
             raise ConfigError(f"trainer.{key}={t[key]!r} is not accepted: use an integer >= 0")
+    if t.checkpoint_every < 0:
+        raise ConfigError(f"trainer.checkpoint_every={t.checkpoint_every!r} is not accepted: use an integer >= 0")
     for key in ("batch_size", "eval_batch_size", "log_every"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}={t[key]!r} is not accepted: use an integer >= 1")

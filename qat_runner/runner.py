@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from .data import DataSplits
 from .engine import calibrate, format_report, quantization_report, turn_quantize
 from .engine.export import export_float_onnx, export_int8_onnx
 from .models import weights_eval_transform
-from .train import evaluate, train
+from .checkpoint import CHECKPOINT_FILE, Checkpointer, load_checkpoint, restore_rng_state, rng_state
+from .train import NonFiniteLossError, evaluate, stream_loader, train
 
 log = logging.getLogger(__name__)
 for _noisy in ("onnx_ir", "onnxscript"):  # the ONNX exporter logs every pass at INFO
@@ -44,11 +46,14 @@ def build(node: DictConfig, **kwargs):
         raise
 
 
-def seed_everything(seed: int) -> torch.Generator:
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN/inf loss); reported as one line, the run marked FAILED."""
+
+
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def build_data(cfg: DictConfig) -> DataSplits:
@@ -59,16 +64,15 @@ def build_data(cfg: DictConfig) -> DataSplits:
     return build(cfg.dataset, **extra)
 
 
-def loaders(cfg: DictConfig, data: DataSplits, generator: torch.Generator) -> tuple[DataLoader, DataLoader]:
-    t = cfg.trainer
-    if t.batch_size > len(data.train):
-        raise ConfigError(f"trainer.batch_size={t.batch_size} is larger than the training set "
+def check_batch_size(cfg: DictConfig, data: DataSplits) -> None:
+    if cfg.trainer.batch_size > len(data.train):
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is larger than the training set "
                           f"({len(data.train)} samples): use at most {len(data.train)}")
-    common = {"num_workers": cfg.dataset.num_workers, "pin_memory": torch.cuda.is_available()}
-    train_loader = DataLoader(data.train, batch_size=t.batch_size, shuffle=True, drop_last=True,
-                              generator=generator, **common)
-    test_loader = DataLoader(data.test, batch_size=t.eval_batch_size, shuffle=False, **common)
-    return train_loader, test_loader
+
+
+def test_loader(cfg: DictConfig, data: DataSplits) -> DataLoader:
+    return DataLoader(data.test, batch_size=cfg.trainer.eval_batch_size, shuffle=False,
+                      num_workers=cfg.dataset.num_workers)
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
@@ -91,31 +95,46 @@ def result_table(summary: dict) -> str:
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
+# Each stage draws its batches from its own seeded stream (see train.ShuffledStream).
+FLOAT_STREAM, CALIBRATION_STREAM, QAT_STREAM = 0, 1, 2
+
+
 def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
     """Run one job; returns the summary also written to `output_dir/summary.json`."""
     quant = validate(cfg)  # every check that needs no data or model, before loading anything
     device = resolve_device(cfg.trainer.device)
-    generator = seed_everything(cfg.seed)
+    resume = load_checkpoint(cfg.trainer.resume) if cfg.trainer.resume else None
+    seed_everything(cfg.seed)
     data = build_data(cfg)
     model = build(cfg.model).to(device)
-    train_loader, test_loader = loaders(cfg, data, generator)
-    example = next(iter(test_loader))[0][:2]
+    check_batch_size(cfg, data)
+    test_batches = test_loader(cfg, data)
+    example = next(iter(test_batches))[0][:2]
+    t = cfg.trainer
+
+    def stream(offset: int, start_step: int = 0) -> DataLoader:
+        return stream_loader(data.train, t.batch_size, cfg.seed * 10 + offset, start_step, cfg.dataset.num_workers)
 
     tags = {"git_commit": tracking.git_commit() or "unknown", "hydra_overrides": overrides or "(none)",
             "model": cfg.model.name, "dataset": cfg.dataset.name}
     with tracking.tracked_run(cfg.tracking.uri, cfg.tracking.experiment_name, cfg.tracking.artifact_root,
-                              run_name=output_dir.name, tags=tags) as active:
+                              run_name=output_dir.name, tags=tags,
+                              resume_run_id=resume["mlflow_run_id"] if resume else None) as active:
         run_id = active.info.run_id
-        tracking.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
+        if resume is None:
+            tracking.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
         OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
-        log_every = cfg.trainer.log_every
 
-        if cfg.trainer.float_steps > 0:
-            optimizer = instantiate(cfg.optim, lr=cfg.trainer.float_lr)(model.parameters())
-            train(model, train_loader, optimizer, cfg.trainer.float_steps, device, "float training",
-                  lambda s, loss, acc: tracking.mlflow.log_metrics({"float_train_loss": loss, "float_train_acc": acc}, step=s),
-                  log_every)
-        float_acc = evaluate(model, test_loader, device)
+        if resume is not None:
+            model.load_state_dict(resume["float_model"])
+            float_acc = resume["float_acc"]
+        else:
+            if t.float_steps > 0:
+                optimizer = instantiate(cfg.optim, lr=t.float_lr)(model.parameters())
+                train(model, stream(FLOAT_STREAM), optimizer, t.float_steps, device, "float training",
+                      lambda s, loss, acc: tracking.mlflow.log_metrics(
+                          {"float_train_loss": loss, "float_train_acc": acc}, step=s), t.log_every)
+            float_acc = evaluate(model, test_batches, device)
         log.info("float accuracy %.4f", float_acc)
 
         qat = turn_quantize(model, bits=quant.bits, feature_bits=quant.feature_bits,
@@ -124,28 +143,52 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
                             symmetric_features=quant.symmetric_features)
         layers = quantization_report(qat)
         (output_dir / "quantized_layers.txt").write_text(format_report(layers) + "\n")
-        calibrate(qat, train_loader, cfg.quant.calibration_batches)
-        ptq_acc = evaluate(qat, test_loader, device)
-        log.info("PTQ accuracy %.4f (%d calibration batches)", ptq_acc, cfg.quant.calibration_batches)
-
         optimizer = instantiate(cfg.optim)(qat.parameters())
-        result = train(qat, train_loader, optimizer, cfg.trainer.max_steps, device, "QAT",
-                       lambda s, loss, acc: tracking.mlflow.log_metrics({"train_loss": loss, "train_acc": acc}, step=s),
-                       log_every)
-        qat_acc = evaluate(qat, test_loader, device)
-        log.info("QAT accuracy %.4f after %d steps (%.1f s)", qat_acc, result.steps, result.seconds)
+        if resume is not None:
+            qat.load_state_dict(resume["qat_model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            ptq_acc, start_step, seconds_before = resume["ptq_acc"], resume["step"], resume["train_seconds"]
+            restore_rng_state(resume["rng"])
+            log.info("resumed from %s at QAT step %d", cfg.trainer.resume, start_step)
+        else:
+            calibrate(qat, stream(CALIBRATION_STREAM), cfg.quant.calibration_batches)
+            ptq_acc = evaluate(qat, test_batches, device)
+            start_step, seconds_before = 0, 0.0
+            log.info("PTQ accuracy %.4f (%d calibration batches)", ptq_acc, cfg.quant.calibration_batches)
+
+        checkpoint_path = output_dir / "checkpoints" / CHECKPOINT_FILE
+        started = time.perf_counter()
+
+        def state(step: int) -> dict:
+            return {"step": step, "float_model": model.state_dict(), "qat_model": qat.state_dict(),
+                    "optimizer": optimizer.state_dict(), "rng": rng_state(), "float_acc": float_acc,
+                    "ptq_acc": ptq_acc, "mlflow_run_id": run_id,
+                    "train_seconds": seconds_before + time.perf_counter() - started}
+
+        checkpointer = Checkpointer(checkpoint_path, state, t.checkpoint_every)
+        try:
+            result = train(qat, stream(QAT_STREAM, start_step), optimizer, t.max_steps, device, "QAT",
+                           lambda s, loss, acc: tracking.mlflow.log_metrics(
+                               {"train_loss": loss, "train_acc": acc}, step=s),
+                           t.log_every, start_step=start_step, checkpointer=checkpointer)
+        except NonFiniteLossError as err:
+            where = f"last good checkpoint: {checkpoint_path}" if checkpoint_path.exists() else "no checkpoint yet"
+            raise TrainingError(f"{err} ({where})") from None
+        train_seconds = seconds_before + result.seconds
+        qat_acc = evaluate(qat, test_batches, device)
+        log.info("QAT accuracy %.4f after %d steps (%.1f s)", qat_acc, t.max_steps, train_seconds)
 
         model.cpu()
         qat.cpu()
         float_path = export_float_onnx(model, example, output_dir / FLOAT_FILE)
         int8_path = export_int8_onnx(qat, example, output_dir / INT8_FILE)
-        check = check_artifact(int8_path, qat, test_loader)
+        check = check_artifact(int8_path, qat, test_batches)
         summary = {
             "float_acc": float_acc, "ptq_acc": ptq_acc, "qat_acc": qat_acc,
             "int8_acc": check.int8_acc, "int8_agreement": check.agreement,
             "float_bytes": float_path.stat().st_size, "int8_bytes": int8_path.stat().st_size,
             "bits": quant.bits, "feature_bits": quant.feature_bits, "mlflow_run_id": run_id,
-            "train_seconds": result.seconds, "quantized_layers": sum(r.weight_bits is not None for r in layers),
+            "train_seconds": train_seconds, "quantized_layers": sum(r.weight_bits is not None for r in layers),
             "int8_kernels": integer_kernel_count(int8_path), "test_samples": check.samples,
         }
         summary["size_ratio"] = summary["int8_bytes"] / summary["float_bytes"]

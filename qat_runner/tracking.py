@@ -1,14 +1,18 @@
 """MLflow tracking: one experiment per experiment config, one run per job, never left RUNNING."""
 from __future__ import annotations
 
+import json
 import logging
+import os
+import random
 import subprocess
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 import numpy as np
@@ -55,16 +59,30 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
                           "the server, or use the default SQLite store (tracking=sqlite)") from None
 
 
-def ensure_experiment(name: str, artifact_root: str | None) -> str:
-    """The experiment's id, creating it (with artifacts under `artifact_root`) when missing."""
-    experiment = mlflow.get_experiment_by_name(name)
+def ensure_experiment(name: str, artifact_root: str | None, uri: str | None = None) -> str:
+    """The experiment's id, creating it (with artifacts under `artifact_root`) when missing.
+
+    Safe with several processes on one store: for SQLite, the store's first use (MLflow creates
+    and migrates its tables then, which races between processes) and the experiment's creation
+    happen under an exclusive lock on `<db>.lock`; "database is locked" is retried with backoff.
+    `uri` defaults to the current tracking URI.
+    """
+    uri = uri or mlflow.get_tracking_uri()
+    with store_lock(uri):
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        return with_retries(lambda: _get_or_create_experiment(client, name, artifact_root),
+                            f"MLflow experiment {name!r}")
+
+
+def _get_or_create_experiment(client: mlflow.MlflowClient, name: str, artifact_root: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     location = (Path(artifact_root) / name).resolve().as_uri() if artifact_root else None
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:
-        experiment = mlflow.get_experiment_by_name(name)  # created meanwhile by a parallel job
+        experiment = client.get_experiment_by_name(name)  # created meanwhile by a parallel job
         if experiment is None:
             raise
         return experiment.experiment_id
@@ -72,12 +90,19 @@ def ensure_experiment(name: str, artifact_root: str | None) -> str:
 
 @contextmanager
 def tracked_run(uri: str, experiment_name: str, artifact_root: str | None, run_name: str,
-                tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run that ends FINISHED, FAILED on an exception, or KILLED on Ctrl-C/SIGTERM."""
+                tags: dict[str, str], resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run that ends FINISHED, FAILED on an exception, or KILLED on Ctrl-C/SIGTERM.
+
+    `resume_run_id` continues an earlier run (a job resumed from its checkpoint) instead.
+    """
     check_server(uri)
     mlflow.set_tracking_uri(uri)
     experiment_id = ensure_experiment(experiment_name, artifact_root)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    if resume_run_id is not None:
+        run = mlflow.start_run(run_id=resume_run_id)
+        mlflow.set_tags(tags)
+    else:
+        run = _start_run(uri, experiment_id, run_name, tags)  # under the sweep's parent run, if any
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
         yield run
@@ -103,3 +128,174 @@ def log_onnx_model(path: Path, example_input: np.ndarray, example_output: np.nda
                                  signature=infer_signature(example_input, example_output),
                                  save_as_external_data=False)
     return info.model_uri
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes on one store: a lock for SQLite's first use, retries when it is locked
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no cross-process lock, the retries remain
+    fcntl = None
+
+T = TypeVar("T")
+RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # s, jittered; on top of MLflow's 20 s SQLite busy timeout
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` tracking URI; None for any other store."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock across processes on a SQLite store (`<db>.lock` beside the database).
+
+    MLflow creates and migrates the tables on a store's first use without a lock of its own:
+    processes that open a fresh store together fail with "duplicate column" or alembic errors.
+    A no-op for other stores (a server, PostgreSQL), which handle concurrency themselves.
+    """
+    path = sqlite_path(uri)
+    if path is None or fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_transient(err: BaseException) -> bool:
+    """SQLite's "database is locked" (and MLflow's TEMPORARILY_UNAVAILABLE wrapping of it)."""
+    text = str(err).lower()
+    return ("database is locked" in text or "database table is locked" in text
+            or getattr(err, "error_code", None) == "TEMPORARILY_UNAVAILABLE")
+
+
+def with_retries(fn: Callable[[], T], what: str, delays: tuple[float, ...] = RETRY_DELAYS) -> T:
+    """fn(), retried with jittered exponential backoff while the error is transient."""
+    for delay in (*delays, None):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - filtered by is_transient
+            if delay is None or not is_transient(err):
+                raise
+            delay *= 1 + random.random()
+            log.warning("%s: %s; retrying in %.1f s", what, str(err).splitlines()[0][:200], delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps: jobs of a Hydra multirun attach to the parent run that qat_runner.sweep created
+
+SWEEP_PARENT_FILE = "mlflow_parent_run.json"  # in the sweep directory, written before jobs start
+
+
+def write_sweep_parent(sweep_dir: Path, info: Mapping[str, Any]) -> Path:
+    """Atomically write the parent run's record (run_id, tracking_uri, experiment_id, swept)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep_dir / SWEEP_PARENT_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(dict(info), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def read_sweep_parent(sweep_dir: Path) -> dict[str, Any] | None:
+    path = sweep_dir / SWEEP_PARENT_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def sweep_parent(uri: str, experiment_id: str) -> dict[str, Any] | None:
+    """Inside a Hydra multirun job, the sweep's parent run record; None for a single run.
+
+    Read from the sweep directory (shared by every launcher: in-process, joblib workers, submitit
+    jobs on other nodes), not from the environment, so nothing leaks into unrelated runs. A job
+    whose tracking store or experiment differs from the parent's is not attached.
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return None
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return None
+        output_dir = Path(hydra_cfg.runtime.output_dir)
+        folders = [Path(hydra_cfg.sweep.dir), *list(output_dir.parents)[:3]]
+    except Exception as err:  # noqa: BLE001 - no Hydra context: a plain run
+        log.debug("no Hydra sweep context: %s", err)
+        return None
+    for folder in folders:
+        info = read_sweep_parent(folder)
+        if info is None:
+            continue
+        if info.get("tracking_uri") != uri or str(info.get("experiment_id")) != str(experiment_id):
+            log.warning("not attaching to the sweep's parent run %s: it is in %s (experiment %s), "
+                        "this job logs to %s (experiment %s)", info.get("run_id"),
+                        info.get("tracking_uri"), info.get("experiment_id"), uri, experiment_id)
+            return None
+        return info
+    return None
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Column/run-name labels for override keys: the last dotted part where it is unambiguous."""
+    last = [k.lstrip("+~").rsplit(".", 1)[-1].rsplit("/", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k.lstrip("+~")) for k, s in zip(keys, last)}
+
+
+def swept_values(overrides: list[str], swept: list[str]) -> dict[str, str]:
+    """{key: value} of a job's overrides for the swept keys (in the sweep's order)."""
+    values = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.lstrip("+~") in {k.lstrip("+~") for k in swept}:
+            values[key.lstrip("+~")] = value
+    return {k.lstrip("+~"): values[k.lstrip("+~")] for k in swept if k.lstrip("+~") in values}
+
+
+def _child_run_name(run_name: str, parent: Mapping[str, Any]) -> str:
+    """`<job num>: bits=4 lr=0.001` from the job's overrides of the swept keys."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001
+        return run_name
+    swept = list(parent.get("swept", []))
+    labels = short_names(swept)
+    values = swept_values(overrides, swept)
+    described = " ".join(f"{labels.get(k, k)}={v}" for k, v in values.items())
+    return f"{run_name}: {described}" if described else run_name
+
+
+def _job_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().runtime.output_dir)
+
+
+def _start_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str]) -> mlflow.ActiveRun:
+    """mlflow.start_run, as a child of the sweep's parent run inside a multirun job."""
+    parent = sweep_parent(uri, experiment_id)
+    kwargs: dict[str, Any] = {}
+    if parent is not None:
+        kwargs["parent_run_id"] = parent["run_id"]
+        run_name = _child_run_name(run_name, parent)
+        tags = {**tags, "sweep_dir": str(parent.get("sweep_dir", "")), "job_dir": _job_dir()}
+    return with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                                                 tags=tags, **kwargs), "MLflow start_run")

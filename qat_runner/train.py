@@ -1,4 +1,8 @@
-"""Training and evaluation loops: step-counted (MNN's recipe counts iterations), with a progress bar."""
+"""Training and evaluation loops: step-counted (MNN's recipe counts iterations), resumable.
+
+The batch at step k depends only on (seed, k), so a run resumed from a checkpoint sees the same
+batches as one that never stopped.
+"""
 from __future__ import annotations
 
 import logging
@@ -10,8 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
+
+from .checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +28,32 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; training stops at that step."""
 
 
+class ShuffledStream(Sampler[int]):
+    """An endless stream of sample indices, one fresh permutation per epoch, from `start`.
+
+    Epoch e is permuted with a generator seeded by (seed, e), so position p of the stream is the
+    same whether the run started at 0 or resumed at p.
+    """
+
+    def __init__(self, size: int, seed: int, start: int = 0) -> None:
+        self.size, self.seed, self.start = size, seed, start
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start, self.size)
+        while True:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            yield from torch.randperm(self.size, generator=generator)[offset:].tolist()
+            epoch, offset = epoch + 1, 0
+
+
+def stream_loader(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0,
+                  num_workers: int = 0) -> DataLoader:
+    """Batches of the shuffled stream, starting at batch `start_step`."""
+    sampler = ShuffledStream(len(dataset), seed, start_step * batch_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available())
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -29,39 +61,52 @@ class TrainResult:
     seconds: float
 
 
-def _cycle(loader: DataLoader) -> Iterator:
-    while True:  # fresh shuffles each pass; a plain itertools.cycle would replay one order
-        yield from loader
-
-
 def train(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, steps: int,
-          device: torch.device, desc: str, log_step: StepLogger | None = None,
-          log_every: int = 10) -> TrainResult:
-    """`steps` optimizer steps of cross-entropy training; returns the last loss and the wall time."""
+          device: torch.device, desc: str, log_step: StepLogger | None = None, log_every: int = 10,
+          start_step: int = 0, checkpointer: Checkpointer | None = None) -> TrainResult:
+    """Train from step `start_step` to `steps` with cross-entropy; `loader` yields the batches.
+
+    `checkpointer` keeps periodic checkpoints and saves one more on Ctrl-C/SIGTERM before the
+    interrupt propagates. A NaN/inf loss raises NonFiniteLossError at its step, before the
+    optimizer applies it; the checkpoint on disk is then the last one known to be good.
+    """
     model.train()
-    start, loss_value = time.perf_counter(), math.nan
-    batches = _cycle(loader)
+    start, loss_value, done = time.perf_counter(), math.nan, start_step
+    batches = iter(loader)
     # disable=None: a bar on a terminal only; logs and CI get the periodic log lines instead
-    with tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True, leave=False, disable=None) as bar:
-        for step in range(1, steps + 1):
-            inputs, targets = next(batches)
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, targets)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(f"{desc}: loss is {loss_value} at step {step}: lower optim.lr "
-                                         "or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            if log_step is not None and (step % log_every == 0 or step == steps):
-                accuracy = (logits.argmax(dim=1) == targets).float().mean().item()
-                log_step(step, loss_value, accuracy)
-                log.info("%s step %d/%d loss %.4f batch acc %.3f", desc, step, steps, loss_value, accuracy)
-    return TrainResult(steps, loss_value, time.perf_counter() - start)
+    with tqdm(total=steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
+              leave=False, disable=None) as bar:
+        try:
+            for step in range(start_step + 1, steps + 1):
+                inputs, targets = next(batches)
+                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                logits = model(inputs)
+                loss = F.cross_entropy(logits, targets)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLossError(f"{desc}: loss is {loss_value} at step {step}: lower optim.lr "
+                                             "or check the data")
+                if checkpointer is not None:
+                    checkpointer.loss_is_finite()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                done = step
+                bar.update()
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                if log_step is not None and (step % log_every == 0 or step == steps):
+                    accuracy = (logits.argmax(dim=1) == targets).float().mean().item()
+                    log_step(step, loss_value, accuracy)
+                    log.info("%s step %d/%d loss %.4f batch acc %.3f", desc, step, steps, loss_value, accuracy)
+                if checkpointer is not None:
+                    checkpointer.after_step(step)
+        except KeyboardInterrupt:
+            if checkpointer is not None and done > start_step:
+                checkpointer.save_now(done)
+            raise
+    if checkpointer is not None and checkpointer.pending is not None:
+        checkpointer.loss_is_finite()  # the last step's state: nothing after it can prove it bad
+    return TrainResult(steps - start_step, loss_value, time.perf_counter() - start)
 
 
 @torch.no_grad()

@@ -1,0 +1,410 @@
+"""Hydra sweeps in MLflow: one parent run per multirun, and a summary of the jobs at its end.
+
+`SweepParentRun` is a Hydra callback (registered in conf/config.yaml under `hydra.callbacks`):
+
+- `on_multirun_start` (the launching process, before any job): opens the tracking store, creates
+  the experiment once (so parallel jobs never race to create it or the SQLite tables), creates the
+  parent run and writes its record to `<sweep dir>/mlflow_parent_run.json`. Every job, whatever
+  the launcher (in process, joblib workers, submitit jobs on other nodes), reads that file in
+  `tracking.tracked_run` and starts its own run with `parent_run_id`.
+- `on_multirun_end` (all jobs done): writes `sweep_summary.csv` (one row per job: overrides,
+  status, summary figures) and `sweep_summary.png` (int8 accuracy and artifact size against bits,
+  one line per lr) into the sweep directory, logs both to the parent run and ends it FINISHED.
+- When a job fails, Hydra raises after the launcher returns and never calls `on_multirun_end`;
+  an exit handler then writes the same summary for the jobs there are and ends the parent run
+  FAILED (KILLED when a job was interrupted). The basic launcher runs every job of the sweep
+  before raising, so one bad job does not cost the others.
+- Each job's end also checks that no MLflow run is left active in its process (jobs of the basic
+  launcher share one process), so nothing leaks into the next job.
+
+`python -m qat_runner.sweep SWEEP_DIR` rewrites the CSV and the plot from a sweep directory.
+"""
+from __future__ import annotations
+
+import atexit
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+CSV_FILE, PLOT_FILE = "sweep_summary.csv", "sweep_summary.png"
+FIGURES = ("float_acc", "ptq_acc", "qat_acc", "int8_acc", "int8_agreement", "float_bytes",
+           "int8_bytes", "size_ratio", "train_seconds")
+BITS_KEY, LR_KEY = "quant.bits", "optim.lr"
+
+
+# ---------------------------------------------------------------------------------------------
+# What is swept
+
+
+def sweep_spec(config: DictConfig) -> tuple[list[str], dict[str, list[str]], dict[str, str], int | None]:
+    """(swept keys, their values, fixed overrides, number of jobs or None) from the sweep's overrides
+    (command line and `hydra.sweeper.params`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = [str(o) for o in config.hydra.overrides.task]
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+    if params:
+        lines = [f"{k}={v}" for k, v in params.items()] + lines
+    swept, values, fixed = [], {}, {}
+    jobs: int | None = 1
+    for override in OverridesParser.create().parse_overrides(lines):
+        key = override.key_or_group
+        if override.is_sweep_override():
+            try:
+                choices = list(override.sweep_string_iterator())
+            except Exception:  # noqa: BLE001 - e.g. glob() needs the config loader
+                choices, jobs = [], None
+            if key not in values:
+                swept.append(key)
+            values[key] = choices
+        else:
+            fixed[key] = override.input_line.partition("=")[2]
+    if jobs is not None:
+        for key in swept:
+            jobs *= len(values[key])
+    return swept, values, fixed, jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary of a sweep directory
+
+
+def _job_dirs(sweep_dir: Path) -> list[tuple[int, Path]]:
+    """(job number, job directory) of every job Hydra started under `sweep_dir`."""
+    jobs = []
+    for hydra_yaml in sweep_dir.glob("**/.hydra/hydra.yaml"):
+        job_dir = hydra_yaml.parent.parent
+        try:
+            num = int(OmegaConf.load(hydra_yaml).hydra.job.num)
+        except Exception:  # noqa: BLE001 - unreadable: order by folder name
+            num = int(job_dir.name) if job_dir.name.isdigit() else 10**6
+        jobs.append((num, job_dir))
+    return sorted(jobs)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _job_lr(job_dir: Path) -> Any:
+    try:
+        return OmegaConf.select(OmegaConf.load(job_dir / ".hydra" / "config.yaml"), LR_KEY)
+    except Exception:  # noqa: BLE001 - an interpolation we cannot resolve here
+        return None
+
+
+def collect_rows(sweep_dir: Path, swept: Sequence[str],
+                 run_status: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per job: its number, swept values, status, summary figures and overrides.
+
+    `run_status` maps a job directory (as logged in the child run's `job_dir` tag) to its
+    MLflow run status; without it a job is FINISHED when it wrote summary.json.
+    """
+    from .tracking import swept_values
+
+    rows = []
+    for num, job_dir in _job_dirs(sweep_dir):
+        try:
+            overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+        except Exception:  # noqa: BLE001
+            overrides = []
+        summary = _read_json(job_dir / "summary.json") or {}
+        status = (run_status or {}).get(str(job_dir))
+        if status is None:
+            status = "FINISHED" if summary else "FAILED"
+        row: dict[str, Any] = {"job": num}
+        values = swept_values(overrides, list(swept))
+        row.update({key: values.get(key, "") for key in swept})
+        row["status"] = status
+        row["bits"] = summary.get("bits", "")
+        row["feature_bits"] = summary.get("feature_bits", "")
+        lr = _job_lr(job_dir)
+        row["lr"] = "" if lr is None else lr
+        row.update({key: summary.get(key, "") for key in FIGURES})
+        row["mlflow_run_id"] = summary.get("mlflow_run_id", "")
+        row["overrides"] = " ".join(overrides)
+        row["job_dir"] = str(job_dir)
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[str] = ()) -> Path:
+    columns = ["job", *swept, "status", "bits", "feature_bits", "lr", *FIGURES, "mlflow_run_id",
+               "overrides", "job_dir"]
+    for row in rows:  # keep whatever else a row has, after the known columns
+        columns += [k for k in row if k not in columns]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def plot_summary(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[str] = (),
+                 title: str = "") -> Path | None:
+    """int8 accuracy and int8 artifact size against bits, one line per lr (or per combination of
+    the swept keys other than quant.bits). None when there is nothing to plot or no matplotlib."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    except ImportError:
+        log.warning("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
+        return None
+    from .tracking import short_names
+
+    others = [k for k in swept if k != BITS_KEY]
+    labels = short_names(list(others))
+    groups: dict[str, list[tuple[float, float, float]]] = {}
+    float_acc, float_kib = set(), set()
+    for row in rows:
+        bits, acc, size = _number(row.get("bits")), _number(row.get("int8_acc")), _number(row.get("int8_bytes"))
+        if bits is None or acc is None or size is None:
+            continue
+        if others:
+            label = " ".join(f"{labels[k]}={row.get(k, '')}" for k in others)
+        else:
+            label = f"lr={row.get('lr', '')}"
+        groups.setdefault(label, []).append((bits, acc, size / 1024))
+        if _number(row.get("float_acc")) is not None:
+            float_acc.add(round(float(row["float_acc"]), 6))
+        if _number(row.get("float_bytes")) is not None:
+            float_kib.add(float(row["float_bytes"]) / 1024)
+    if not groups:
+        log.warning("no finished job to plot in %s", path.parent)
+        return None
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_acc, ax_size = fig.subplots(1, 2)
+    markers = "osD^v<>ph*"
+    all_bits = sorted({b for points in groups.values() for b, _, _ in points})
+    for i, (label, points) in enumerate(sorted(groups.items())):
+        points.sort()
+        xs = [p[0] for p in points]
+        ax_acc.plot(xs, [p[1] for p in points], marker=markers[i % len(markers)], label=label)
+        ax_size.plot(xs, [p[2] for p in points], marker=markers[i % len(markers)], label=label, alpha=0.8)
+    if len(float_acc) == 1:
+        ax_acc.axhline(next(iter(float_acc)), color="grey", linestyle="--", label="float model")
+    if len(float_kib) == 1:
+        ax_size.axhline(next(iter(float_kib)), color="grey", linestyle="--", label="float ONNX")
+    ax_acc.set(xlabel="weight bits (quant.bits)", ylabel="int8 artifact accuracy (onnxruntime)",
+               title="accuracy")
+    ax_size.set(xlabel="weight bits (quant.bits)", ylabel="artifact size (KiB)", title="size")
+    ax_size.set_ylim(bottom=0)
+    for ax in (ax_acc, ax_size):
+        ax.set_xticks(all_bits)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    tmp.replace(path)
+    return path
+
+
+def summarize(sweep_dir: Path, swept: Sequence[str] | None = None,
+              run_status: Mapping[str, str] | None = None, plot: bool = True,
+              title: str = "") -> tuple[list[dict[str, Any]], Path, Path | None]:
+    """Write sweep_summary.csv (and .png) into `sweep_dir`; returns (rows, csv path, png path)."""
+    if swept is None:
+        record = _read_json(sweep_dir / "mlflow_parent_run.json") or {}
+        swept = record.get("swept") or _swept_from_multirun_yaml(sweep_dir)
+    rows = collect_rows(sweep_dir, swept, run_status)
+    csv_path = write_csv(rows, sweep_dir / CSV_FILE, swept)
+    png_path = plot_summary(rows, sweep_dir / PLOT_FILE, swept, title) if plot else None
+    return rows, csv_path, png_path
+
+
+def _swept_from_multirun_yaml(sweep_dir: Path) -> list[str]:
+    try:
+        return sweep_spec(OmegaConf.load(sweep_dir / "multirun.yaml"))[0]
+    except Exception:  # noqa: BLE001
+        return []
+
+
+# ---------------------------------------------------------------------------------------------
+# The callback
+
+
+class SweepParentRun(Callback):
+    """One MLflow parent run per Hydra multirun; see the module docstring.
+
+    Attributes are plain data: Hydra pickles callbacks to joblib and submitit workers.
+    """
+
+    def __init__(self, enabled: bool = True, plot: bool = True) -> None:
+        self.enabled = enabled
+        self.plot = plot
+        self.parent: dict[str, Any] | None = None  # set in the launching process only
+
+    # -- the launching process
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.parent = self._start_parent(config)
+        except Exception:
+            log.exception("could not create the sweep's MLflow parent run: jobs log unparented runs")
+            raise
+        atexit.register(self._at_exit)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._finish(completed=True)
+
+    def _at_exit(self) -> None:  # the sweep raised (a failed job, Ctrl-C) or the process exits early
+        self._finish(completed=False)
+
+    def _start_parent(self, config: DictConfig) -> dict[str, Any]:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        from . import tracking
+
+        uri = str(config.tracking.uri)
+        experiment_name = str(config.tracking.experiment_name)
+        artifact_root = config.tracking.artifact_root
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        tracking.check_server(uri)
+        experiment_id = tracking.ensure_experiment(experiment_name, artifact_root, uri=uri)
+        swept, values, fixed, jobs = sweep_spec(config)
+
+        client = MlflowClient(tracking_uri=uri)
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+        tags = {"qat_sweep": "parent", "sweep_dir": str(sweep_dir),
+                "hydra_overrides": " ".join(str(o) for o in config.hydra.overrides.task) or "(none)",
+                "launcher": launcher.rsplit(".", 1)[-1], "git_commit": tracking.git_commit() or "unknown",
+                "mlflow.note.content": f"Hydra sweep over {', '.join(swept) or 'nothing'}: "
+                                       f"{jobs if jobs is not None else '?'} jobs; summary in {CSV_FILE}"}
+        run = tracking.with_retries(
+            lambda: client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags),
+            "MLflow parent run")
+        params = {f"sweep.{k}": ",".join(v) for k, v in values.items()}
+        params.update({k: v for k, v in fixed.items() if not k.startswith(("hydra", "paths"))})
+        params["sweep.jobs"] = "?" if jobs is None else str(jobs)
+        params = {_param_key(k): str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in params.items()}
+        tracking.with_retries(lambda: client.log_batch(
+            run.info.run_id, params=[Param(k, v) for k, v in params.items()]), "MLflow parent params")
+        record = {"run_id": run.info.run_id, "tracking_uri": uri, "experiment_id": experiment_id,
+                  "experiment_name": experiment_name, "sweep_dir": str(sweep_dir), "swept": swept,
+                  "jobs": jobs}
+        tracking.write_sweep_parent(sweep_dir, record)
+        log.info("MLflow parent run %s for the sweep in %s (%s jobs)", run.info.run_id, sweep_dir,
+                 "?" if jobs is None else jobs)
+        return record
+
+    def _finish(self, completed: bool) -> None:
+        parent, self.parent = self.parent, None
+        if parent is None:
+            return
+        atexit.unregister(self._at_exit)
+        from mlflow.entities import Metric, RunStatus
+        from mlflow.tracking import MlflowClient
+
+        from . import tracking
+
+        client = MlflowClient(tracking_uri=parent["tracking_uri"])
+        run_id, sweep_dir = parent["run_id"], Path(parent["sweep_dir"])
+        status = RunStatus.to_string(RunStatus.FAILED)
+        try:
+            children = tracking.with_retries(lambda: client.search_runs(
+                [parent["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+                max_results=50000), "MLflow child runs")
+            run_status = {r.data.tags.get("job_dir", ""): r.info.status for r in children}
+            rows, csv_path, png_path = summarize(
+                sweep_dir, parent.get("swept", []), run_status, plot=self.plot,
+                title=f"{parent['experiment_name']}: sweep {sweep_dir.name}")
+            for path in (csv_path, png_path):
+                if path is not None:
+                    tracking.with_retries(lambda p=path: client.log_artifact(run_id, str(p)),
+                                          f"MLflow artifact {path.name}")
+            statuses = [row["status"] for row in rows] + [r.info.status for r in children
+                                                          if r.data.tags.get("job_dir", "") not in
+                                                          {row["job_dir"] for row in rows}]
+            finished = sum(s == "FINISHED" for s in statuses)
+            accs = [(float(row["int8_acc"]), row["mlflow_run_id"]) for row in rows
+                    if row["status"] == "FINISHED" and _is_number(row["int8_acc"])]
+            metrics = {"jobs_total": float(len(statuses)), "jobs_finished": float(finished),
+                       "jobs_failed": float(len(statuses) - finished)}
+            if accs:
+                best_acc, best_run = max(accs)
+                metrics["best_int8_acc"] = best_acc
+                client.set_tag(run_id, "best_run_id", best_run)
+            now = int(time.time() * 1000)
+            tracking.with_retries(lambda: client.log_batch(
+                run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()]), "MLflow parent metrics")
+            expected = parent.get("jobs")
+            if completed and finished == len(statuses) and (expected is None or finished >= expected):
+                status = RunStatus.to_string(RunStatus.FINISHED)
+            elif "KILLED" in statuses:
+                status = RunStatus.to_string(RunStatus.KILLED)
+            log.info("sweep summary: %d/%d jobs finished; %s%s", finished, len(statuses), csv_path,
+                     f", {png_path}" if png_path else "")
+        except Exception:
+            log.exception("could not summarise the sweep in %s", sweep_dir)
+        finally:
+            tracking.with_retries(lambda: client.set_terminated(run_id, status), "MLflow end parent run")
+            log.info("MLflow parent run %s ended %s", run_id, status)
+
+    # -- every job's process (the launching one for the basic launcher, workers otherwise)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is None:
+            return
+        while (active := mlflow.active_run()) is not None:  # never carried into the next job
+            log.warning("MLflow run %s was still active at the end of the job: ended FAILED",
+                        active.info.run_id)
+            mlflow.end_run("FAILED")
+
+
+def _param_key(key: str) -> str:
+    """MLflow param names allow alphanumerics, _ - . / and spaces."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key.lstrip("+~"))
+
+
+def _is_number(value: Any) -> bool:
+    return _number(value) is not None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m qat_runner.sweep SWEEP_DIR`: rewrite the sweep's CSV and plot from its job dirs."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print("usage: python -m qat_runner.sweep SWEEP_DIR", file=sys.stderr)
+        return 2
+    sweep_dir = Path(args[0])
+    if not sweep_dir.is_dir():
+        print(f"error: {sweep_dir} is not a directory", file=sys.stderr)
+        return 2
+    rows, csv_path, png_path = summarize(sweep_dir, title=f"sweep {sweep_dir.name}")
+    print(f"{len(rows)} jobs: {csv_path}" + (f", {png_path}" if png_path else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
