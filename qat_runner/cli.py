@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .config import PROJECT_ROOT, ConfigError, register
@@ -29,12 +30,11 @@ def main(cfg: DictConfig) -> float:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         summary = run(cfg, output_dir, overrides=",".join(hydra_cfg.overrides.task))
-    except ConfigError as err:
+    except (ConfigError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # Hydra records this job FAILED; the sweep callback closes the parent run
+        sys.exit(2 if isinstance(err, ConfigError) else 1)
     except KeyboardInterrupt:
         print(f"interrupted: MLflow run marked KILLED; resume with trainer.resume={output_dir}",
               file=sys.stderr)

@@ -12,8 +12,9 @@
   one line per lr) into the sweep directory, logs both to the parent run and ends it FINISHED.
 - When a job fails, Hydra raises after the launcher returns and never calls `on_multirun_end`;
   an exit handler then writes the same summary for the jobs there are and ends the parent run
-  FAILED (KILLED when a job was interrupted). The basic launcher runs every job of the sweep
-  before raising, so one bad job does not cost the others.
+  FAILED (KILLED when a job was interrupted). A job that raises is recorded FAILED and the
+  launcher goes on with the others; a job that exits (the CLI's sys.exit on a config error or
+  Ctrl-C) ends a basic-launcher sweep there, and the jobs not started have no row.
 - Each job's end also checks that no MLflow run is left active in its process (jobs of the basic
   launcher share one process), so nothing leaks into the next job.
 
@@ -267,9 +268,9 @@ class SweepParentRun(Callback):
             return
         try:
             self.parent = self._start_parent(config)
-        except Exception:
-            log.exception("could not create the sweep's MLflow parent run: jobs log unparented runs")
-            raise
+        except Exception as err:  # the jobs will meet the same problem and say so
+            log.error("no MLflow parent run for this sweep: %s", err, exc_info=not isinstance(err, ValueError))
+            return
         atexit.register(self._at_exit)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -350,6 +351,9 @@ class SweepParentRun(Callback):
                     if row["status"] == "FINISHED" and _is_number(row["int8_acc"])]
             metrics = {"jobs_total": float(len(statuses)), "jobs_finished": float(finished),
                        "jobs_failed": float(len(statuses) - finished)}
+            expected = parent.get("jobs")
+            if expected is not None:
+                metrics["jobs_expected"] = float(expected)
             if accs:
                 best_acc, best_run = max(accs)
                 metrics["best_int8_acc"] = best_acc
@@ -357,7 +361,6 @@ class SweepParentRun(Callback):
             now = int(time.time() * 1000)
             tracking.with_retries(lambda: client.log_batch(
                 run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()]), "MLflow parent metrics")
-            expected = parent.get("jobs")
             if completed and finished == len(statuses) and (expected is None or finished >= expected):
                 status = RunStatus.to_string(RunStatus.FINISHED)
             elif "KILLED" in statuses:

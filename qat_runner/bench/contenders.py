@@ -2,7 +2,9 @@
 
 All three start from the same float weights: torchvision's quantizable MobileNetV2 has the
 same state_dict keys as the plain one (QuantStub/DeQuantStub hold no tensors), so one
-checkpoint loads into both before fusion.
+checkpoint loads into both before fusion. One difference is torchvision's, not ours: its
+quantizable MobileNetV2 replaces ReLU6 by ReLU (eager-mode fusion knows Conv+BN+ReLU only), so
+torch.ao's QAT starts from a slightly different function than the float model it was given.
 """
 from __future__ import annotations
 

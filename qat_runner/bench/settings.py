@@ -83,9 +83,9 @@ TINY = replace(
     FULL, mode="tiny", train_shapes=((32, 4),), train_rounds=2, train_warmup=1,
     infer_sizes=(32,), infer_batches=(1, 4), infer_rounds=2, infer_warmup=1, min_sample_s=0.0,
     calibration_images=8,
-    float_recipe=replace(FloatRecipe(), steps=3, batch_size=8, train_images=256),
-    qat_recipe=replace(QatRecipe(), steps=2, batch_size=8, calibration_batches=1),
-    our_bits=(8, 4), test_images=64, eval_batch_size=64, size_bits=(8, 4))
+    float_recipe=replace(FloatRecipe(), steps=1, batch_size=8, train_images=256),
+    qat_recipe=replace(QatRecipe(), steps=1, batch_size=8, calibration_batches=1),
+    our_bits=(8,), test_images=64, eval_batch_size=64, size_bits=(8, 4))
 
 PRESETS = {"full": FULL, "quick": QUICK, "tiny": TINY}
 

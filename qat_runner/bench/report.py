@@ -1,0 +1,87 @@
+"""The benchmark's results as markdown: one table per section, then the targets."""
+from __future__ import annotations
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}x"
+
+
+def _ms(v: float) -> str:
+    return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+
+
+def _bytes(v: int) -> str:
+    return f"{v / 1e6:.2f} MB"
+
+
+def training_cost(section: dict) -> str:
+    rows = [[f"{r['image_size']}x{r['image_size']}", str(r["batch"]), f"{r['float_s'] * 1e3:.0f}",
+             f"{r['ours_qat_s'] * 1e3:.0f}", f"{r['torch_ao_qat_s'] * 1e3:.0f}", _x(r["ours_over_float"]),
+             _x(r["torch_ao_over_float"]), _x(r["ours_over_torch_ao"])] for r in section["rows"]]
+    return "### 1. Training cost (MobileNetV2, one SGD step, median ms)\n\n" + _table(
+        ["input", "batch", "float", "ours QAT", "torch.ao QAT", "ours/float", "torch.ao/float", "ours/torch.ao"], rows)
+
+
+def inference(section: dict) -> str:
+    parts = ["### 2. Inference latency (MobileNetV2, median ms per batch)"]
+    for runtime in ("onnxruntime", "openvino"):
+        sub = section.get(runtime, {})
+        if "skipped" in sub:
+            parts.append(f"{runtime}: skipped ({sub['skipped']})")
+            continue
+        rows = [[runtime, f"{r['image_size']}x{r['image_size']}", str(r["batch"]), _ms(r["float_ms"]),
+                 _ms(r["ours_int8_ms"]), _ms(r["ort_int8_ms"]), _x(r["ours_over_float"]),
+                 _x(r["ort_over_float"]), _x(r["ours_over_ort"])] for r in sub.get("rows", [])]
+        parts.append(_table(["runtime", "input", "batch", "float", "ours int8", "onnxruntime int8",
+                             "ours/float", "onnxruntime int8/float", "ours/onnxruntime int8"], rows))
+    return "\n\n".join(parts)
+
+
+def accuracy(section: dict) -> str:
+    rows = [[r["method"], r["tool"], str(r["weight_bits"]), f"{r['accuracy']:.2%}",
+             f"{r['delta_to_float'] * 100:+.2f} pt", _bytes(r["bytes"]), r["scored_in"],
+             f"{r['qat_train_seconds']:.0f} s" if "qat_train_seconds" in r else ""] for r in section["rows"]]
+    q = section["qat_recipe"]
+    head = (f"### 3. Accuracy (Fashion-MNIST {section['image_size']}x{section['image_size']}, "
+            f"{section['test_images']} test images; QAT: batch {q['batch_size']}, {q['steps']} iterations, "
+            f"SGD lr {q['lr']:g} momentum {q['momentum']:g}, seed {q['seed']}; float: "
+            f"{section['float_recipe']['steps']} steps from scratch)")
+    return head + "\n\n" + _table(["method", "tool", "weight bits", "accuracy", "vs float", "size",
+                                   "scored in", "QAT time"], rows)
+
+
+def sizes(section: dict) -> str:
+    rows = [[r["artifact"], r["format"], _bytes(r["bytes"]), f"{r['ratio_to_float_onnx']:.1%}",
+             f"{r['ratio_to_float_state_dict']:.1%}" if "ratio_to_float_state_dict" in r else ""]
+            for r in section["rows"]]
+    return "### 4. Sizes (MobileNetV2, 10 classes)\n\n" + _table(
+        ["artifact", "format", "size", "of float ONNX", "of float state_dict"], rows)
+
+
+def targets(items: list[dict]) -> str:
+    rows = [[t["target"], f"{t['value']:.4g}", f"{t['relation']} {t['limit']:.4g}", "met" if t["met"] else "MISSED"]
+            for t in items]
+    return "### Targets\n\n" + _table(["target", "measured", "goal", ""], rows)
+
+
+RENDERERS = {"training_cost": training_cost, "inference": inference, "accuracy": accuracy, "sizes": sizes}
+
+
+def markdown(results: dict) -> str:
+    m = results["meta"]
+    machine = m["machine"]
+    parts = [f"## qat_runner benchmark ({m['mode']})",
+             f"{machine['cpu']}, {machine['cores']} cores, {machine['threads']['torch']} threads; torch "
+             f"{machine['versions']['torch']}, onnxruntime {machine['versions']['onnxruntime']}, openvino "
+             f"{machine['versions']['openvino'] or 'not installed'}. `{machine['command']}` ({m['seconds']:.0f} s). "
+             f"{machine['note'].capitalize()}."]
+    parts += [RENDERERS[name](results[name]) for name in RENDERERS if name in results]
+    if results.get("targets"):
+        parts.append(targets(results["targets"]))
+    return "\n\n".join(parts) + "\n"

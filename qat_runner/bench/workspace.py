@@ -1,0 +1,133 @@
+"""Models and files shared by the sections, each built once per run on first use.
+
+The accuracy, inference and sizes sections compare the same artifacts (the float ONNX of the
+trained MobileNetV2, our int8 export, onnxruntime's own); building them here once keeps the
+sections short and the run's exports few.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..engine.export import export_float_onnx, export_int8_onnx
+from ..train import train
+from . import contenders, fashion, float_checkpoint
+from .ort_quant import quantize_with_onnxruntime
+from .settings import BenchSettings
+
+log = logging.getLogger(__name__)
+
+
+class Workspace:
+    def __init__(self, settings: BenchSettings, artifact_dir: Path, cache_dir: Path) -> None:
+        self.settings, self.artifact_dir, self.cache_dir = settings, artifact_dir, cache_dir
+        self._memo: dict[tuple, object] = {}
+
+    def _once(self, key: tuple, build):
+        if key not in self._memo:
+            started = time.perf_counter()
+            self._memo[key] = build()
+            log.info("built %s in %.1f s", key, time.perf_counter() - started)
+        return self._memo[key]
+
+    # data ---------------------------------------------------------------------------------
+    @property
+    def train_size(self) -> int:
+        return self.settings.float_recipe.image_size
+
+    def train_images(self) -> fashion.Images:
+        r = self.settings.float_recipe
+        return fashion.load("train", r.image_size, r.train_images)
+
+    def test_images(self) -> fashion.Images:
+        return fashion.load("test", self.train_size, self.settings.test_images)
+
+    def calibration(self, size: int) -> list[torch.Tensor]:
+        """The PTQ calibration batches at `size`, the same for every tool.
+
+        At the training size: the QAT recipe's `calibration_batches` batches; at other sizes
+        (latency only): `calibration_images` images in batches of 8.
+        """
+        def build() -> list[torch.Tensor]:
+            q = self.settings.qat_recipe
+            if size == self.train_size:
+                count, batch = q.calibration_batches * q.batch_size, q.batch_size
+            else:
+                count, batch = self.settings.calibration_images, 8
+            pool = fashion.load("train", size, max(count, 1024))
+            images = fashion.sample(pool, count, seed=q.seed).x
+            return [images[i:i + batch] for i in range(0, len(images), batch)]
+        return self._once(("calibration", size), build)
+
+    # float ----------------------------------------------------------------------------------
+    def float_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return self._once(("float_state",), lambda: float_checkpoint.load_or_train(
+            self.settings.float_recipe, self.cache_dir))
+
+    def float_model(self) -> nn.Module:
+        return contenders.float_model(self.float_state()[0]).eval()
+
+    def float_onnx(self, size: int) -> Path:
+        return self._once(("float_onnx", size), lambda: export_float_onnx(
+            self.float_model(), self.calibration(size)[0][:2], self.artifact_dir / f"float_{size}.onnx"))
+
+    # onnxruntime's PTQ ----------------------------------------------------------------------
+    def ort_int8(self, size: int) -> Path:
+        return self._once(("ort_int8", size), lambda: quantize_with_onnxruntime(
+            self.float_onnx(size), self.artifact_dir / f"onnxruntime_int8_{size}.onnx", self.calibration(size)))
+
+    # ours -------------------------------------------------------------------------------------
+    def ours_ptq(self, bits: int, size: int) -> tuple[nn.Module, Path]:
+        def build():
+            model = contenders.ours_ptq(self.float_model(), self.calibration(size), bits)
+            path = export_int8_onnx(model, self.calibration(size)[0][:2],
+                                    self.artifact_dir / f"ours_ptq_w{bits}_{size}.onnx")
+            return model, path
+        return self._once(("ours_ptq", bits, size), build)
+
+    def _qat_train(self, model: nn.Module, desc: str) -> float:
+        """The shared QAT recipe: same optimizer, lr, batches (seeded stream) and steps."""
+        q = self.settings.qat_recipe
+        torch.manual_seed(q.seed)
+        optimizer = torch.optim.SGD(model.parameters(), lr=q.lr, momentum=q.momentum, weight_decay=q.weight_decay)
+        batches = fashion.SeededBatches(self.train_images(), q.batch_size, q.seed)
+        return train(model, batches, optimizer, q.steps, torch.device("cpu"), desc).seconds
+
+    def ours_qat(self, bits: int) -> tuple[nn.Module, Path, float]:
+        """Our QAT model after the recipe (calibrated first, as the runner does), its artifact,
+        and its training seconds."""
+        def build():
+            model = contenders.ours_ptq(self.float_model(), self.calibration(self.train_size), bits)
+            seconds = self._qat_train(model, f"bench ours QAT w{bits}")
+            model.eval()
+            path = export_int8_onnx(model, self.calibration(self.train_size)[0][:2],
+                                    self.artifact_dir / f"ours_qat_w{bits}_{self.train_size}.onnx")
+            return model, path, seconds
+        return self._once(("ours_qat", bits), build)
+
+    # torch.ao ---------------------------------------------------------------------------------
+    def torch_ao_calibrated(self) -> nn.Module:
+        """torch.ao's prepared model after observing the calibration batches (no training)."""
+        def build():
+            model = contenders.torch_ao_qat(self.float_state()[0])
+            return contenders.torch_ao_observe(model, self.calibration(self.train_size))
+        return self._once(("torch_ao_calibrated",), build)
+
+    def torch_ao_qat_int8(self) -> tuple[nn.Module, float]:
+        """torch.ao QAT by the same recipe, converted to int8.
+
+        torch.ao's documented workflow: `prepare_qat`, then train; its observers start from the
+        first training batch. (Observing calibration batches in eval mode first, as our runner
+        does, leaves torch.ao's fused Conv+BN observers in a state whose first training step
+        fails with "zero_point must be between quant_min and quant_max" when the running BN
+        statistics are far from the batch ones.)
+        """
+        def build():
+            model = contenders.torch_ao_qat(self.float_state()[0])
+            seconds = self._qat_train(model, "bench torch.ao QAT")
+            return contenders.torch_ao_convert(model), seconds
+        return self._once(("torch_ao_qat_int8",), build)

@@ -1,0 +1,99 @@
+"""Safe loading: checkpoints (trainer.resume) and local weights (model.weights) are read with
+`torch.load(weights_only=True)`: a pickle that would build an arbitrary object is refused with a
+ConfigError, and nothing in it runs. Checkpoints are written atomically."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from qat_runner import checkpoint as ckpt
+from qat_runner.config import ConfigError
+from qat_runner.models import torchvision_classifier
+
+
+class Payload:
+    """Unpickling this runs os.makedirs(marker): a stand-in for arbitrary code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (str(self.marker),))
+
+
+class Custom:
+    """A plain instance of a class outside torch: not an allowed global for weights_only."""
+
+    def __init__(self) -> None:
+        self.value = 42
+
+
+def _valid_state() -> dict:
+    return {"step": 1, "float_model": {}, "qat_model": {}, "optimizer": {}, "rng": ckpt.rng_state(),
+            "mlflow_run_id": "0" * 32}
+
+
+def test_resume_refuses_code_in_pickle_without_running_it(tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "evil.pt"
+    torch.save({**_valid_state(), "extra": Payload(marker)}, path)
+    with pytest.raises(ConfigError, match=r"trainer\.resume=.*evil\.pt.*not a readable checkpoint"):
+        ckpt.load_checkpoint(str(path))
+    assert not marker.exists(), "the pickle's payload ran: the checkpoint was not loaded weights_only"
+
+
+def test_resume_refuses_custom_object(tmp_path):
+    path = tmp_path / "custom.pt"
+    torch.save({**_valid_state(), "extra": Custom()}, path)
+    with pytest.raises(ConfigError, match=r"trainer\.resume="):
+        ckpt.load_checkpoint(str(path))
+
+
+def test_resume_from_run_directory(tmp_path):
+    ckpt.save_checkpoint(tmp_path / "run" / "checkpoints" / ckpt.CHECKPOINT_FILE, _valid_state())
+    state = ckpt.load_checkpoint(str(tmp_path / "run"))
+    assert state["step"] == 1 and state["mlflow_run_id"] == "0" * 32
+
+
+def test_load_checkpoint_uses_weights_only(tmp_path, monkeypatch):
+    path = ckpt.save_checkpoint(tmp_path / "last.pt", _valid_state())
+    seen = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    ckpt.load_checkpoint(str(path))
+    assert seen == [True], seen
+
+
+def test_model_weights_refuse_code_in_pickle_without_running_it(tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "weights.pth"
+    torch.save({"fc.weight": torch.zeros(10, 512), "extra": Payload(marker)}, path)
+    with pytest.raises(ConfigError, match=r"model\.weights=.*weights\.pth"):
+        torchvision_classifier("resnet18", num_classes=10, weights=str(path))
+    assert not marker.exists(), "the pickle's payload ran: model.weights was not loaded weights_only"
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A write that fails half-way leaves the previous checkpoint intact and no temporary file."""
+    path = ckpt.save_checkpoint(tmp_path / "checkpoints" / "last.pt", _valid_state())
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(path, {**_valid_state(), "step": 2})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(str(path))["step"] == 1
