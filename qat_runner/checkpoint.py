@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, first_sentence
 
 CHECKPOINT_FILE = "last.pt"
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling fails in many ways; the user needs the path
         raise ConfigError(f"trainer.resume={path!r}: {file} is not a readable checkpoint "
-                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+                          f"({type(err).__name__}: {first_sentence(err)})") from None
     missing = {"step", "float_model", "qat_model", "optimizer", "rng", "mlflow_run_id"} - set(state)
     if missing:
         raise ConfigError(f"trainer.resume={path!r}: {file} lacks {', '.join(sorted(missing))}")

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .config import PROJECT_ROOT, ConfigError, register
+from .config import PROJECT_ROOT, ConfigError, check_target, register
 
 log = logging.getLogger("qat_runner")
 register()
@@ -21,8 +21,28 @@ def _sigterm_as_interrupt(signum, frame):  # so SIGTERM ends the MLflow run KILL
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def refuse_foreign_targets(argv: list[str]) -> None:
+    """No `_target_` given on the command line may leave our, torch's and torchvision's namespaces.
+
+    Checked before Hydra starts: Hydra itself instantiates `hydra.callbacks.*` before any job.
+    """
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.rsplit(".", 1)[-1] == "_target_":
+            try:
+                check_target(key.lstrip("+~").rsplit(".", 1)[0], value)
+            except ConfigError as err:
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
+
+
+def main() -> None:
+    refuse_foreign_targets(sys.argv[1:])
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
     from .runner import TrainingError, run  # heavy imports after Hydra has parsed the command line
 
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)

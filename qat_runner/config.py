@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .engine import FeatureScaleStatMethod, QuantConfig, ScaleUpdateMethod
 
@@ -127,6 +127,11 @@ class RunConfig:
     tracking: TrackingConfig = MISSING
 
 
+def first_sentence(err: BaseException) -> str:
+    """The gist of a library's error, without its advice (torch suggests weights_only=False)."""
+    return str(err).splitlines()[0].split(". ")[0][:200]
+
+
 def register() -> None:
     """Put the schema in Hydra's ConfigStore and register the `qat_root` resolver."""
     if not OmegaConf.has_resolver("qat_root"):
@@ -164,11 +169,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _check_target(key: str, node: Any) -> None:
-    target = node.get("_target_") if isinstance(node, DictConfig) else None
-    if target is not None and not str(target).startswith(ALLOWED_TARGET_PREFIXES):
+def check_target(key: str, target: object) -> None:
+    if not str(target).startswith(ALLOWED_TARGET_PREFIXES):
         raise ConfigError(f"{key}._target_={target!r} is not accepted: targets must be in the "
                           f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGET_PREFIXES)} namespaces")
+
+
+def _check_targets(key: str, node: Any) -> None:
+    """Every `_target_` in the node, nested ones included (instantiate builds those too)."""
+    if isinstance(node, DictConfig):
+        for name in node.keys():
+            if name == "_target_":
+                check_target(key, node.get(name))
+            else:
+                _check_targets(f"{key}.{name}", node.get(name))
+    elif isinstance(node, ListConfig):
+        for i, child in enumerate(node):
+            _check_targets(f"{key}[{i}]", child)
 
 
 def validate(cfg: DictConfig) -> QuantConfig:
@@ -178,7 +195,7 @@ def validate(cfg: DictConfig) -> QuantConfig:
     except ValueError as err:
         raise ConfigError(f"quant.{err}") from None
     for key in ("model", "dataset", "optim"):
-        _check_target(key, cfg[key])
+        _check_targets(key, cfg[key])
     t = cfg.trainer
     for key in ("max_steps", "float_steps"):
         if t[key] < 0:

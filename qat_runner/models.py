@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, first_sentence
 
 
 class LeNet(nn.Module):
@@ -77,7 +77,7 @@ def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types; the user needs the path
         raise ConfigError(f"model.weights={str(path)!r} is not a readable PyTorch checkpoint "
-                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+                          f"({type(err).__name__}: {first_sentence(err)})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

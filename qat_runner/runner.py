@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from . import tracking
 from .artifact import check_artifact, integer_kernel_count
-from .config import ConfigError, resolve_device, validate
+from .config import ConfigError, first_sentence, resolve_device, validate
 from .data import DataSplits
 from .engine import calibrate, format_report, quantization_report, turn_quantize
 from .engine.export import export_float_onnx, export_int8_onnx
@@ -115,6 +115,24 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
     def stream(offset: int, start_step: int = 0) -> DataLoader:
         return stream_loader(data.train, t.batch_size, cfg.seed * 10 + offset, start_step, cfg.dataset.num_workers)
 
+    def make_qat() -> torch.nn.Module:
+        return turn_quantize(model, bits=quant.bits, feature_bits=quant.feature_bits,
+                             feature_scale_stat_method=quant.feature_scale_stat_method,
+                             scale_update_method=quant.scale_update_method, momentum=quant.momentum,
+                             symmetric_features=quant.symmetric_features)
+
+    if resume is not None:  # everything that can fail is checked before the MLflow run reopens
+        try:
+            model.load_state_dict(resume["float_model"])
+            qat = make_qat()
+            qat.load_state_dict(resume["qat_model"])
+            optimizer = instantiate(cfg.optim)(qat.parameters())
+            optimizer.load_state_dict(resume["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ConfigError(f"trainer.resume={t.resume!r} does not match this config's model or "
+                              f"optimizer ({first_sentence(err)}): resume with the config of that run") from None
+        tracking.require_run(cfg.tracking.uri, resume["mlflow_run_id"], f"trainer.resume={t.resume!r}")
+
     tags = {"git_commit": tracking.git_commit() or "unknown", "hydra_overrides": overrides or "(none)",
             "model": cfg.model.name, "dataset": cfg.dataset.name}
     with tracking.tracked_run(cfg.tracking.uri, cfg.tracking.experiment_name, cfg.tracking.artifact_root,
@@ -126,7 +144,6 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
         OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
 
         if resume is not None:
-            model.load_state_dict(resume["float_model"])
             float_acc = resume["float_acc"]
         else:
             if t.float_steps > 0:
@@ -137,16 +154,12 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
             float_acc = evaluate(model, test_batches, device)
         log.info("float accuracy %.4f", float_acc)
 
-        qat = turn_quantize(model, bits=quant.bits, feature_bits=quant.feature_bits,
-                            feature_scale_stat_method=quant.feature_scale_stat_method,
-                            scale_update_method=quant.scale_update_method, momentum=quant.momentum,
-                            symmetric_features=quant.symmetric_features)
+        if resume is None:
+            qat = make_qat()
+            optimizer = instantiate(cfg.optim)(qat.parameters())
         layers = quantization_report(qat)
         (output_dir / "quantized_layers.txt").write_text(format_report(layers) + "\n")
-        optimizer = instantiate(cfg.optim)(qat.parameters())
         if resume is not None:
-            qat.load_state_dict(resume["qat_model"])
-            optimizer.load_state_dict(resume["optimizer"])
             ptq_acc, start_step, seconds_before = resume["ptq_acc"], resume["step"], resume["train_seconds"]
             restore_rng_state(resume["rng"])
             log.info("resumed from %s at QAT step %d", cfg.trainer.resume, start_step)

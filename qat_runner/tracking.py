@@ -115,6 +115,16 @@ def tracked_run(uri: str, experiment_name: str, artifact_root: str | None, run_n
         log.info("MLflow run %s ended %s", run.info.run_id, status)
 
 
+def require_run(uri: str, run_id: str, what: str) -> None:
+    """A resumed job continues its MLflow run: that run must be in this store."""
+    check_server(uri)
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(f"{what}: its MLflow run {run_id} is not in tracking.uri={uri!r}: resume "
+                          "with the tracking store (and paths.outputs) of the interrupted run") from None
+
+
 def log_params(params: Mapping[str, Any]) -> None:
     """All params, in batches under MLflow's per-request limit, long values truncated."""
     items = [(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
