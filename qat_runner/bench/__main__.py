@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
                    help=f"any of {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--skip-openvino", action="store_true", help="leave OpenVINO out of the inference section")
+    p.add_argument("--profile", action="store_true",
+                   help="add torch.profiler op times of the float and our QAT step to section 1")
     p.add_argument("--threads", type=int, default=None, help="torch, onnxruntime and OpenVINO threads (default 2)")
     return p.parse_args(argv)
 
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     overrides = {"sections": tuple(args.sections), "openvino": not args.skip_openvino}
+    if args.profile:
+        overrides["profile"] = True
     if args.threads is not None:
         overrides["threads"] = args.threads
     settings = preset(args.mode, **overrides)

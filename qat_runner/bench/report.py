@@ -24,8 +24,16 @@ def training_cost(section: dict) -> str:
     rows = [[f"{r['image_size']}x{r['image_size']}", str(r["batch"]), f"{r['float_s'] * 1e3:.0f}",
              f"{r['ours_qat_s'] * 1e3:.0f}", f"{r['torch_ao_qat_s'] * 1e3:.0f}", _x(r["ours_over_float"]),
              _x(r["torch_ao_over_float"]), _x(r["ours_over_torch_ao"])] for r in section["rows"]]
-    return "### 1. Training cost (MobileNetV2, one SGD step, median ms)\n\n" + _table(
+    text = "### 1. Training cost (MobileNetV2, one SGD step, median ms)\n\n" + _table(
         ["input", "batch", "float", "ours QAT", "torch.ao QAT", "ours/float", "torch.ao/float", "ours/torch.ao"], rows)
+    for p in section.get("profile", []):
+        total = p["total_ms"]
+        ops = [[o["op"], f"{o['float_ms']:.1f}", f"{o['ours_qat_ms']:.1f}", f"{o['extra_ms']:+.1f}"]
+               for o in p["top_ops_ours_minus_float_ms"][:8]]
+        text += (f"\n\nProfile {p['image_size']}x{p['image_size']} batch {p['batch']} (torch.profiler self CPU ms "
+                 f"per step: float {total['float']:.0f}, ours {total['ours_qat']:.0f}):\n\n"
+                 + _table(["op", "float", "ours QAT", "extra"], ops))
+    return text
 
 
 def inference(section: dict) -> str:
@@ -53,7 +61,7 @@ def accuracy(section: dict) -> str:
             f"SGD lr {q['lr']:g} momentum {q['momentum']:g}, seed {q['seed']}; float: "
             f"{section['float_recipe']['steps']} steps from scratch)")
     return head + "\n\n" + _table(["method", "tool", "weight bits", "accuracy", "vs float", "size",
-                                   "scored in", "QAT time"], rows)
+                                   "scored in", "QAT wall time"], rows)
 
 
 def sizes(section: dict) -> str:
@@ -80,7 +88,8 @@ def markdown(results: dict) -> str:
              f"{machine['cpu']}, {machine['cores']} cores, {machine['threads']['torch']} threads; torch "
              f"{machine['versions']['torch']}, onnxruntime {machine['versions']['onnxruntime']}, openvino "
              f"{machine['versions']['openvino'] or 'not installed'}. `{machine['command']}` ({m['seconds']:.0f} s). "
-             f"{machine['note'].capitalize()}."]
+             f"{machine['note'].capitalize()}. 1-minute load average at each section's start/end: "
+             + ", ".join(f"{k} {v[0]:.1f}/{v[1]:.1f}" for k, v in m.get("load_average", {}).items()) + "."]
     parts += [RENDERERS[name](results[name]) for name in RENDERERS if name in results]
     if results.get("targets"):
         parts.append(targets(results["targets"]))

@@ -30,6 +30,13 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
 def non_finite(value, where: str = "") -> list[str]:
     """Paths of the numbers in a JSON-like value that are NaN or infinite."""
     if isinstance(value, dict):
@@ -58,8 +65,10 @@ def _run(settings: BenchSettings, out: Path, command: str | None, cache_dir: Pat
     ws = Workspace(settings, out.parent / "artifacts", cache_dir)
     results: dict = {}
     section_seconds: dict[str, float] = {}
+    load_average: dict[str, list[float]] = {}  # 1-minute load at each section's start and end
     for name in settings.sections:
         t0 = time.perf_counter()
+        load_average[name] = [_load()]
         log.info("section %s", name)
         if name == "training_cost":
             results[name] = training_cost.run(settings)
@@ -70,10 +79,11 @@ def _run(settings: BenchSettings, out: Path, command: str | None, cache_dir: Pat
         elif name == "sizes":
             results[name] = sizes.run(settings, ws)
         section_seconds[name] = time.perf_counter() - t0
+        load_average[name].append(_load())
     results["targets"] = targets.evaluate(results)
     results["meta"] = {"mode": settings.mode, "settings": settings.to_dict(),
                        "machine": environment.machine_record(settings.threads, command),
-                       "section_seconds": section_seconds, "seconds": time.perf_counter() - started,
+                       "section_seconds": section_seconds, "load_average": load_average, "seconds": time.perf_counter() - started,
                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     bad = non_finite(results)
     if bad:

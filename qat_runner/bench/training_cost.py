@@ -53,5 +53,10 @@ def measure(image_size: int, batch: int, rounds: int, warmup: int) -> dict:
 def run(settings: BenchSettings) -> dict:
     rows = [measure(size, batch, settings.train_rounds, settings.train_warmup)
             for size, batch in settings.train_shapes]
-    return {"model": "mobilenet_v2", "optimizer": "SGD momentum 0.9", "statistic": "median of alternating rounds",
-            "rows": rows}
+    result = {"model": "mobilenet_v2", "optimizer": "SGD momentum 0.9",
+              "statistic": "median of alternating rounds", "rows": rows}
+    if settings.profile:
+        from .profile import profile_steps  # torch.profiler only when asked for
+        result["profile"] = [profile_steps(size, batch, settings.profile_rounds, settings.train_warmup)
+                             for size, batch in settings.train_shapes]
+    return result
