@@ -7,9 +7,7 @@ QAT, and the MLflow run id to continue.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, first_sentence
+from .engine.files import write_atomically
 
 CHECKPOINT_FILE = "last.pt"
 log = logging.getLogger(__name__)
@@ -44,16 +43,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """torch.save to a temporary name in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def resolve_checkpoint(path: str) -> Path:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from .config import ConfigError, first_sentence, resolve_device, validate
 from .data import DataSplits
 from .engine import calibrate, format_report, quantization_report, turn_quantize
 from .engine.export import export_float_onnx, export_int8_onnx
+from .engine.files import write_atomically
 from .models import weights_eval_transform
 from .checkpoint import CHECKPOINT_FILE, Checkpointer, load_checkpoint, restore_rng_state, rng_state
 from .train import NonFiniteLossError, evaluate, stream_loader, train
@@ -76,10 +75,7 @@ def test_loader(cfg: DictConfig, data: DataSplits) -> DataLoader:
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, sort_keys=True)))
 
 
 def result_table(summary: dict) -> str:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from ..engine.files import write_atomically
 from ..train import train
 from . import fashion
 from .contenders import float_model
@@ -34,15 +33,7 @@ def cache_path(recipe: FloatRecipe, cache_dir: Path) -> Path:
 
 
 def _save_atomically(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def train_float(recipe: FloatRecipe) -> tuple[dict[str, torch.Tensor], dict]:

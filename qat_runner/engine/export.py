@@ -8,7 +8,6 @@ training. For bits <= 4 the weight initializers are repacked as INT4 (two per by
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import onnx
 import torch
 from torch import fx, nn
 
+from .files import write_atomically
 from .integer import to_integer_model
 from .modules import QuantLayer
 
@@ -89,18 +89,7 @@ def _derive_bias_scales(proto: onnx.ModelProto) -> None:
 
 
 def _save_atomically(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write to a temporary name in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_atomically(path, lambda tmp: onnx.save(proto, tmp))
 
 
 def weight_dequantize_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
