@@ -11,7 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .config import PROJECT_ROOT, ConfigError, check_target, register
+from .config import ConfigError, check_target, config_dir, register
+from .preflight import composition_error
 
 log = logging.getLogger("qat_runner")
 register()
@@ -38,10 +39,14 @@ def refuse_foreign_targets(argv: list[str]) -> None:
 
 def main() -> None:
     refuse_foreign_targets(sys.argv[1:])
+    problem = composition_error(sys.argv[1:])
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     hydra_main()
 
 
-@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
     from .runner import TrainingError, run  # heavy imports after Hydra has parsed the command line
 

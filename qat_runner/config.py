@@ -15,7 +15,26 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .engine import FeatureScaleStatMethod, QuantConfig, ScaleUpdateMethod
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_DIR.parent  # the checkout, when running from one
+
+
+def in_checkout() -> bool:
+    """True when the package runs from a source checkout (editable install or PYTHONPATH)."""
+    return (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "conf" / "config.yaml").is_file()
+
+
+def config_dir() -> Path:
+    """The config tree: the checkout's top-level conf/, or the copy a wheel ships in the package."""
+    return PROJECT_ROOT / "conf" if in_checkout() else PACKAGE_DIR / "conf"
+
+
+def default_outputs() -> Path:
+    """The checkout's outputs/ (whatever the working directory), else ./outputs of the working
+    directory: an installed package must not write into site-packages."""
+    return PROJECT_ROOT / "outputs" if in_checkout() else Path.cwd() / "outputs"
+
+
 # Where `_target_` may point: ours, torch's and torchvision's namespaces, nothing else.
 ALLOWED_TARGET_PREFIXES = ("qat_runner.", "torch.", "torchvision.")
 
@@ -133,9 +152,9 @@ def first_sentence(err: BaseException) -> str:
 
 
 def register() -> None:
-    """Put the schema in Hydra's ConfigStore and register the `qat_root` resolver."""
-    if not OmegaConf.has_resolver("qat_root"):
-        OmegaConf.register_new_resolver("qat_root", lambda: str(PROJECT_ROOT))
+    """Put the schema in Hydra's ConfigStore and register the `qat_outputs` resolver."""
+    if not OmegaConf.has_resolver("qat_outputs"):
+        OmegaConf.register_new_resolver("qat_outputs", lambda: str(default_outputs()))
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="schema", node=ModelConfig)
@@ -210,7 +229,10 @@ def validate(cfg: DictConfig) -> QuantConfig:
                           "accepted: use an integer >= 1")
     if cfg.model.num_classes < 1:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes!r} is not accepted: use an integer >= 1")
-    if not cfg.optim.get("lr", 1.0) > 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr!r} is not accepted: use a number > 0")
+    if not t.float_lr > 0:
+        raise ConfigError(f"trainer.float_lr={t.float_lr!r} is not accepted: use a number > 0")
+    lr = cfg.optim.get("lr", 1.0)  # optim is open (Any): its values are not typed by the schema
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ConfigError(f"optim.lr={lr!r} is not accepted: use a number > 0")
     resolve_device(t.device)
     return quant

@@ -99,8 +99,65 @@ def _cached_weights_file(weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
-def torchvision_classifier(name: str, num_classes: int, weights: str | None = None, **_: object) -> nn.Module:
-    """A torchvision classifier; `weights`: None, a weights name, or a local checkpoint path."""
+def _runs_at(model: nn.Module, size: int, in_channels: int) -> bool:
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_channels, size, size))
+    except (RuntimeError, ValueError, AssertionError):  # torchvision's size checks raise all three
+        return False
+    return True
+
+
+def smallest_working_size(model: nn.Module, above: int, in_channels: int = 3, limit: int = 512) -> int | None:
+    """The smallest square input size > `above` the model runs at; for a model made for one size
+    only (ViT), that size if it is 224 or 299; None if nothing up to `limit` works.
+
+    Binary search, as conv nets that run at a size also run at every larger one.
+    """
+    if not _runs_at(model, limit, in_channels):
+        return next((s for s in (224, 299) if _runs_at(model, s, in_channels)), None)
+    lo, hi = above, limit  # lo fails, hi works
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _runs_at(model, mid, in_channels) else (mid, hi)
+    return hi
+
+
+def check_input_size(model: nn.Module, name: str, image_size: int, in_channels: int = 3) -> None:
+    """Refuse, before any training, an image size the architecture cannot take (pooling or a fixed
+    input size): PyTorch would fail later with a shape error deep in the forward pass."""
+    was_training = model.training
+    model.eval()
+    try:
+        if _runs_at(model, image_size, in_channels):
+            return
+        smallest = smallest_working_size(model, image_size, in_channels)
+        fixed = smallest is not None and not _runs_at(model, smallest + 1, in_channels)
+    finally:
+        model.train(was_training)
+    if smallest is None:
+        raise ConfigError(f"dataset.image_size={image_size} does not work with {name}, nor any size "
+                          "up to 512: choose another model.name")
+    if fixed:
+        raise ConfigError(f"dataset.image_size={image_size} does not work with {name}: use "
+                          f"dataset.image_size={smallest}, the one size it is built for")
+    raise ConfigError(f"dataset.image_size={image_size} is too small for {name}: use "
+                      f"dataset.image_size={smallest} or more")
+
+
+def torchvision_classifier(name: str, num_classes: int, weights: str | None = None, image_size: int | None = None,
+                           in_channels: int = 3, **_: object) -> nn.Module:
+    """A torchvision classifier; `weights`: None, a weights name, or a local checkpoint path.
+
+    With `image_size` given, a size the architecture cannot take is refused (ConfigError).
+    """
+    model = _torchvision_classifier(name, num_classes, weights)
+    if image_size is not None:
+        check_input_size(model, name, image_size, in_channels)
+    return model
+
+
+def _torchvision_classifier(name: str, num_classes: int, weights: str | None) -> nn.Module:
     if name not in classifier_names():
         raise ConfigError(f"model.name={name!r} is not a torchvision classifier: use one of "
                           f"{', '.join(classifier_names())}")

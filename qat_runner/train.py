@@ -25,7 +25,37 @@ StepLogger = Callable[[int, float, float], None]  # (step, loss, batch accuracy)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; training stops at that step."""
+    """The loss or the gradients became NaN or inf; training stops at that step."""
+
+
+def _largest_weight(model: nn.Module) -> float:
+    values = [p.detach().abs().max() for p in model.parameters() if p.numel()]
+    return float(torch.stack(values).max()) if values else 0.0
+
+
+def _largest_gradient(model: nn.Module) -> float:
+    """max |grad| over all parameters (a norm would overflow float32 on large finite gradients)."""
+    values = [p.grad.detach().abs().max() for p in model.parameters() if p.grad is not None and p.grad.numel()]
+    return float(torch.stack(values).max()) if values else 0.0
+
+
+def _likely_cause(model: nn.Module, inputs: torch.Tensor, first_step: bool, start_weight: float,
+                  lr: float) -> str:
+    """Why the numbers went non-finite, so the advice fits: lr only when the weights blew up."""
+    if not bool(torch.isfinite(inputs).all()):
+        return "the batch holds NaN/inf inputs: check the data"
+    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        return f"the weights became NaN/inf ({bad}) after too large an update: lower optim.lr (now {lr:g})"
+    largest = _largest_weight(model)
+    if largest > 1e3 * max(start_weight, 1e-6):
+        return (f"the weights grew from max |w| {start_weight:.3g} to {largest:.3g}: lower optim.lr "
+                f"(now {lr:g})")
+    if first_step:
+        return ("it is not finite on the first batch, before any update, with finite inputs and "
+                "weights: check model.weights and the model's own numerics (not optim.lr)")
+    return ("the inputs and weights are finite and did not blow up: check the data and the model's "
+            "numerics (feature ranges, BatchNorm statistics) before optim.lr")
 
 
 class ShuffledStream(Sampler[int]):
@@ -68,10 +98,12 @@ def train(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer
 
     `checkpointer` keeps periodic checkpoints and saves one more on Ctrl-C/SIGTERM before the
     interrupt propagates. A NaN/inf loss raises NonFiniteLossError at its step, before the
-    optimizer applies it; the checkpoint on disk is then the last one known to be good.
+    optimizer applies it, and so do non-finite gradients; the checkpoint on disk is then the last
+    one known to be good. The error names the likely cause (learning rate, data or numerics).
     """
     model.train()
     start, loss_value, done = time.perf_counter(), math.nan, start_step
+    start_weight = _largest_weight(model)
     batches = iter(loader)
     # disable=None: a bar on a terminal only; logs and CI get the periodic log lines instead
     with tqdm(total=steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
@@ -83,13 +115,21 @@ def train(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer
                 logits = model(inputs)
                 loss = F.cross_entropy(logits, targets)
                 loss_value = loss.item()
+
+                def stop(what: str) -> NonFiniteLossError:
+                    cause = _likely_cause(model, inputs, step == start_step + 1, start_weight,
+                                          optimizer.param_groups[0]["lr"])
+                    return NonFiniteLossError(f"{desc}: {what} at step {step}: {cause}")
+
                 if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(f"{desc}: loss is {loss_value} at step {step}: lower optim.lr "
-                                             "or check the data")
+                    raise stop(f"loss is {loss_value}")
                 if checkpointer is not None:
                     checkpointer.loss_is_finite()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                largest_grad = _largest_gradient(model)
+                if not math.isfinite(largest_grad):  # checked before the step: the weights stay good
+                    raise stop(f"a gradient is {largest_grad} (loss {loss_value:.4g})")
                 optimizer.step()
                 done = step
                 bar.update()

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from ..config import PROJECT_ROOT
+from ..config import default_outputs
 from . import accuracy, environment, inference, report, sizes, targets, training_cost
 from .settings import BenchSettings
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUT = PROJECT_ROOT / "outputs" / "bench" / "bench.json"
-CACHE_DIR = PROJECT_ROOT / "outputs" / "bench" / "cache"
+DEFAULT_OUT = default_outputs() / "bench" / "bench.json"
+CACHE_DIR = default_outputs() / "bench" / "cache"
 
 
 def _write_atomically(path: Path, text: str) -> None:

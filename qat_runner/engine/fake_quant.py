@@ -17,6 +17,9 @@ from .config import FeatureScaleStatMethod, QuantConfig, ScaleUpdateMethod
 WEIGHT_SCALE_FLOOR = 1e-6  # MNN's floor on max|W_c|, so an all-zero channel does not divide by 0
 FEATURE_SCALE_FLOOR = 1e-8  # same idea for a feature that was all zeros so far
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+# MovingAverage: a batch range over this many times the running range widens it at once. A
+# converged model's batch ranges stay well under 2x of the running range.
+OUTGROWN_FACTOR = 2.0
 
 
 def weight_limit(bits: int) -> int:
@@ -65,7 +68,7 @@ class FeatureQuantizer(nn.Module):
 
     Training (or `observing`, used by PTQ calibration) updates the range from the batch, then
     quantizes with the updated running range; eval quantizes with the frozen one. Gradients pass
-    straight through inside the range and are clipped outside it.
+    straight through, inside the range and outside it (see `_straight_through`).
 
     Symmetric mode tracks the scale itself (`s = m*s + (1-m)*s_new`); asymmetric mode tracks
     the range ends and derives scale and zero point, with `Maximum` widening both ends.
@@ -114,12 +117,27 @@ class FeatureQuantizer(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Fold one batch into the running range (first batch taken as is)."""
+        """Fold one batch into the running range (first batch taken as is).
+
+        Guards, so that QAT from an untrained or barely trained model cannot blow up:
+        - a non-finite batch range leaves the running range as it was (the training loop reports
+          the non-finite loss or gradient);
+        - with `MovingAverage`, a batch whose range is over `OUTGROWN_FACTOR` times the running
+          range widens it at once (the `Maximum` rule for that step) instead of by 1% a step.
+          Otherwise features that outgrow their range (early training, or ranges observed with
+          untrained BatchNorm statistics) stay saturated for hundreds of steps, and the
+          straight-through gradients through those constants grow until they overflow to NaN.
+        """
         lo, hi = self._batch_min_max(x)
+        finite = torch.isfinite(lo) & torch.isfinite(hi)
         first = int(self.num_updates) == 0
         if self.symmetric:
             new_scale = torch.maximum(lo.abs(), hi.abs()) / self.quant_max
-            scale = new_scale if first else self._combine(self.scale, new_scale, "max")
+            if not first:
+                widen = torch.maximum(self.scale, new_scale)
+                new_scale = torch.where(self._outgrown(self.scale, new_scale), widen,
+                                        self._combine(self.scale, new_scale, "max"))
+            scale = torch.where(finite, new_scale, self.scale)
             self.scale.copy_(scale.clamp(min=FEATURE_SCALE_FLOOR))
             self.running_max.copy_(self.scale * self.quant_max)
             self.running_min.copy_(-self.running_max)
@@ -127,8 +145,11 @@ class FeatureQuantizer(nn.Module):
             # Zero must be representable exactly (padding, ReLU): the range always holds 0.
             lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
             if not first:
-                lo = self._combine(self.running_min, lo, "min")
-                hi = self._combine(self.running_max, hi, "max")
+                outgrown = self._outgrown(self.running_max - self.running_min, hi - lo)
+                lo = torch.where(outgrown, torch.minimum(self.running_min, lo), self._combine(self.running_min, lo, "min"))
+                hi = torch.where(outgrown, torch.maximum(self.running_max, hi), self._combine(self.running_max, hi, "max"))
+            lo = torch.where(finite, lo, self.running_min)
+            hi = torch.where(finite, hi, self.running_max)
             self.running_min.copy_(lo)
             self.running_max.copy_(hi)
             scale = ((hi - lo) / (self.quant_max - self.quant_min)).clamp(min=FEATURE_SCALE_FLOOR)
@@ -136,6 +157,12 @@ class FeatureQuantizer(nn.Module):
             self.scale.copy_(scale)
             self.zero_point.copy_(zero_point.to(torch.int32))
         self.num_updates += 1
+
+    def _outgrown(self, running_width: torch.Tensor, batch_width: torch.Tensor) -> torch.Tensor:
+        """Where the batch's range is over OUTGROWN_FACTOR times the running one (MovingAverage)."""
+        if self.update_method is not ScaleUpdateMethod.MovingAverage:
+            return torch.zeros_like(batch_width, dtype=torch.bool)
+        return batch_width > OUTGROWN_FACTOR * running_width
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize and dequantize with the current running range.

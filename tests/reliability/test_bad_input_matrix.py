@@ -2,9 +2,9 @@
 bad value and what is accepted, before training where that can be known early; it leaves no
 MLflow run RUNNING, no int8 artifact and no temporary file behind.
 
-Rows checked by our own code exit 2 with `error: <key>=<value> ...`; rows that Hydra's
-structured schema rejects while merging the override (a float or a word for an int, an unknown
-enum name) exit 1 with Hydra's own message, which names the value and lists accepted names.
+Every row exits 2 with `error: <key>=<value> ...`, Hydra's own schema and composition errors
+(a float or a word for an int, an unknown enum name, key or config option, a bad sweep value)
+included: the command line is composed once before Hydra runs (qat_runner/preflight.py).
 """
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ from reliability_support import (Job, assert_no_leftovers, assert_no_training, l
 
 pytestmark = pytest.mark.slow
 
-FAIL_FAST_SECONDS = 60.0  # every row below can be known before training
-SERVER_SECONDS = 30.0  # a tracking server that does not answer: fail within seconds
+# Hang detectors, not speed targets (a loaded machine made a 6 s row take 36 s): that every row
+# fails before training is asserted by assert_no_training, and the server row's message proves our
+# health check answered, not MLflow's retries (which go on for minutes).
+FAIL_FAST_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -76,15 +78,23 @@ OUR_ROWS: dict[str, Row] = {
                                 r"tracking\.uri='?http://127\.0\.0\.1:{port}'?", r"tracking=sqlite"),
     "batch_size_too_large": Row(("trainer.batch_size=5000",), r"trainer\.batch_size=5000\b",
                                 r"at most \d+"),
-}
-
-# Hydra's structured-config errors (raised while merging the override, before our code runs)
-HYDRA_ROWS: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
-    "bits=3.5": (("quant.bits=3.5",), "3.5", ("Integer",)),
-    "bits=eight": (("quant.bits=eight",), "eight", ("Integer",)),
-    "feature_scale_stat_method=Foo": (("quant.feature_scale_stat_method=Foo",), "Foo",
-                                      ("PerTensor", "PerChannel")),
-    "scale_update_method=Foo": (("quant.scale_update_method=Foo",), "Foo", ("MovingAverage", "Maximum")),
+    "optim.lr=abc": Row(("optim.lr=abc",), r"optim\.lr='abc'", r"number > 0"),
+    "image_too_small": Row(("model=torchvision", "model.name=alexnet", "dataset=fake", "dataset.image_size=16"),
+                           r"dataset\.image_size=16\b.*\balexnet\b", r"dataset\.image_size=63 or more"),
+    # Hydra's schema and composition errors, raised while composing the command line
+    "bits=3.5": Row(("quant.bits=3.5",), r"quant\.bits='?3\.5'?", r"integer"),
+    "bits=eight": Row(("quant.bits=eight",), r"quant\.bits='?eight'?", r"integer"),
+    "feature_scale_stat_method=Foo": Row(("quant.feature_scale_stat_method=Foo",),
+                                         r"quant\.feature_scale_stat_method='?Foo'?", r"PerTensor, PerChannel"),
+    "scale_update_method=Foo": Row(("quant.scale_update_method=Foo",), r"quant\.scale_update_method='?Foo'?",
+                                   r"(Maximum, MovingAverage|MovingAverage, Maximum)"),
+    "symmetric_features=maybe": Row(("quant.symmetric_features=maybe",),
+                                    r"quant\.symmetric_features='?maybe'?", r"true or false"),
+    "unknown_key": Row(("quant.bitz=4",), r"quant\.bitz\b", r"\+quant\.bitz="),
+    "unknown_group_option": Row(("quant=foo",), r"quant=foo\b", r"one of default"),
+    "unknown_experiment": Row(("+experiment=nope",), r"experiment=nope\b", r"one of .*\blenet_digits\b"),
+    "bad_override_syntax": Row(("quant.bits=[1",), r"quant\.bits=\[1", r"grammar"),
+    "bad_sweep_value": Row(("-m", "quant.bits=4,x"), r"quant\.bits='?x'?", r"integer"),
 }
 
 PREREQ = "_finished_lenet_run"
@@ -144,9 +154,6 @@ def matrix(rel_cli, tmp_path_factory) -> Matrix:
                 shutil.copy2(prereq_outputs / "mlflow.db", dest / "mlflow.db")
         jobs[key] = Job(args, outputs[key], needs=PREREQ if row.prereq else None, before=before,
                         timeout=180)
-    for i, (key, (args, _value, _accepted)) in enumerate(HYDRA_ROWS.items()):
-        outputs[key] = base / f"hydra{i:02d}_outputs"
-        jobs[key] = Job(list(args), outputs[key], timeout=180)
     # the prerequisite first, then the rows that need it as soon as it is done
     order = [PREREQ] + [k for k in jobs if k != PREREQ and not (k in OUR_ROWS and OUR_ROWS[k].prereq)]
     order[2:2] = [k for k in OUR_ROWS if OUR_ROWS[k].prereq]
@@ -167,8 +174,7 @@ def test_bad_input_row(matrix, key):
     if row.accepted is not None:
         assert re.search(row.accepted, line), f"the error line must say what is accepted: {line}"
     assert_no_training(result)
-    limit = SERVER_SECONDS if key == "tracking_server_down" else FAIL_FAST_SECONDS
-    assert result.seconds < limit, f"took {result.seconds:.1f} s to fail (limit {limit} s)"
+    assert result.seconds < FAIL_FAST_SECONDS, f"took {result.seconds:.1f} s to fail"
     assert_no_leftovers(matrix.outputs[key], matrix.run_dirs[key])
 
 
@@ -184,21 +190,3 @@ def test_resume_other_model_keeps_the_finished_run_finished(matrix):
 def test_resume_foreign_store_leaves_no_run(matrix):
     runs = mlflow_runs(matrix.outputs["resume_foreign_store"])
     assert all(status != "RUNNING" for status in runs.values()), runs
-
-
-@pytest.mark.parametrize("key", list(HYDRA_ROWS))
-def test_schema_row(matrix, key):
-    _args, value, accepted = HYDRA_ROWS[key]
-    result = matrix.results[key]
-    output = result.stderr + result.stdout
-    assert result.returncode != 0, result.describe()
-    assert value in output, result.describe()
-    for name in accepted:
-        assert name in output, f"the accepted {name!r} is not listed\n{result.describe()}"
-    assert "Traceback" not in output, result.describe()
-    assert_no_training(result)
-    assert result.seconds < FAIL_FAST_SECONDS, f"took {result.seconds:.1f} s to fail"
-    outputs = matrix.outputs[key]
-    assert not (outputs / "runs").exists() or not any((outputs / "runs").iterdir()), \
-        "Hydra rejects the override before the job's run directory is made"
-    assert_no_leftovers(outputs)

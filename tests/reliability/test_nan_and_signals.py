@@ -79,6 +79,7 @@ def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(nan_job):
     assert match, f"the error must name the step: {line}"
     nan_step = int(match.group(1))
     assert 1 <= nan_step <= 10, f"lr=1e12 makes the loss NaN within a few QAT steps: {line}"
+    assert "lower optim.lr" in line, f"the learning rate is the cause here: {line}"
     assert not (run_dir / INT8_FILE).exists()
     assert_no_leftovers(outputs, run_dir)
 

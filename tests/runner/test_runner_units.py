@@ -256,3 +256,57 @@ def test_weights_eval_transform():
     assert models.weights_eval_transform("resnet18", None) is None
     assert models.weights_eval_transform("resnet18", "/some/where/ckpt.pth") is None
     assert models.weights_eval_transform("resnet18", "IMAGENET1K_V1") is not None
+
+
+# --------------------------------------------------------------------------------------------
+# image size checks and the non-finite loss message
+
+
+@pytest.mark.parametrize(("name", "size", "expected"), [
+    ("alexnet", 16, r"dataset\.image_size=16 is too small for alexnet: use dataset\.image_size=63 or more"),
+    ("vit_b_16", 32, r"dataset\.image_size=32 does not work with vit_b_16: use dataset\.image_size=224, "
+                     r"the one size it is built for"),
+])
+def test_classifier_refuses_an_image_size_it_cannot_take(name, size, expected):
+    with pytest.raises(ConfigError, match=expected):
+        models.torchvision_classifier(name, num_classes=10, image_size=size)
+
+
+def test_classifier_accepts_a_size_that_works():
+    model = models.torchvision_classifier("squeezenet1_0", num_classes=10, image_size=21)
+    assert model.training, "the check leaves the model as it was built"
+    with pytest.raises(ConfigError, match="use dataset.image_size=21 or more"):
+        models.torchvision_classifier("squeezenet1_0", num_classes=10, image_size=20)
+
+
+class _Scaled(nn.Module):
+    """A linear classifier whose output is multiplied by `factor` (inf: not finite from the start)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.fc, self.factor = nn.Linear(4, 3), factor
+
+    def forward(self, x):
+        return self.fc(x) * self.factor
+
+
+def _loader(batches: int = 20):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(batches)]
+
+
+def test_non_finite_on_the_first_batch_does_not_blame_the_learning_rate():
+    from qat_runner.train import NonFiniteLossError, train
+
+    model = _Scaled(float("inf"))
+    with pytest.raises(NonFiniteLossError, match=r"at step 1: .*first batch.*not optim\.lr") as err:
+        train(model, _loader(), torch.optim.SGD(model.parameters(), lr=1e-3), 10, torch.device("cpu"), "QAT")
+    assert "lower optim.lr" not in str(err.value)
+
+
+def test_diverging_weights_blame_the_learning_rate():
+    from qat_runner.train import NonFiniteLossError, train
+
+    model = _Scaled(1e30)  # gradients of 1e30: one step at lr 1 makes the next logits overflow
+    with pytest.raises(NonFiniteLossError, match=r"at step 2: .*lower optim\.lr \(now 1\)"):
+        train(model, _loader(), torch.optim.SGD(model.parameters(), lr=1.0), 20, torch.device("cpu"), "QAT")
