@@ -11,8 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .config import ConfigError, check_target, config_dir, register
-from .preflight import composition_error
+from .config import ConfigError, config_dir, register
+from .preflight import command_line_error
 
 log = logging.getLogger("qat_runner")
 register()
@@ -22,24 +22,8 @@ def _sigterm_as_interrupt(signum, frame):  # so SIGTERM ends the MLflow run KILL
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def refuse_foreign_targets(argv: list[str]) -> None:
-    """No `_target_` given on the command line may leave our, torch's and torchvision's namespaces.
-
-    Checked before Hydra starts: Hydra itself instantiates `hydra.callbacks.*` before any job.
-    """
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key.rsplit(".", 1)[-1] == "_target_":
-            try:
-                check_target(key.lstrip("+~").rsplit(".", 1)[0], value)
-            except ConfigError as err:
-                print(f"error: {err}", file=sys.stderr)
-                sys.exit(2)
-
-
 def main() -> None:
-    refuse_foreign_targets(sys.argv[1:])
-    problem = composition_error(sys.argv[1:])
+    problem = command_line_error(sys.argv[1:])  # before Hydra: it builds its callbacks first
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

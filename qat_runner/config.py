@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .engine import FeatureScaleStatMethod, QuantConfig, ScaleUpdateMethod
+from .targets import check_allowed_packages, target_problem
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent  # the checkout, when running from one
@@ -35,8 +36,6 @@ def default_outputs() -> Path:
     return PROJECT_ROOT / "outputs" if in_checkout() else Path.cwd() / "outputs"
 
 
-# Where `_target_` may point: ours, torch's and torchvision's namespaces, nothing else.
-ALLOWED_TARGET_PREFIXES = ("qat_runner.", "torch.", "torchvision.")
 
 
 class ConfigError(ValueError):
@@ -134,6 +133,12 @@ class TrackingConfig:
 
 
 @dataclass
+class SecurityConfig:
+    # packages whose callables a `_target_` may name, besides the built-in list (qat_runner/targets.py)
+    allowed_targets: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RunConfig:
     experiment_name: str = MISSING
     seed: int = 0
@@ -144,6 +149,7 @@ class RunConfig:
     optim: Any = MISSING  # keeps optimizer-specific keys (momentum, betas, ...) open
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = MISSING
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def first_sentence(err: BaseException) -> str:
@@ -188,23 +194,34 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_target(key: str, target: object) -> None:
-    if not str(target).startswith(ALLOWED_TARGET_PREFIXES):
-        raise ConfigError(f"{key}._target_={target!r} is not accepted: targets must be in the "
-                          f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGET_PREFIXES)} namespaces")
+def allowed_packages(cfg: DictConfig) -> list[str]:
+    """`security.allowed_targets`, checked (a config without the key allows none)."""
+    packages = OmegaConf.select(cfg, "security.allowed_targets", default=None) or []
+    try:
+        return check_allowed_packages(packages)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
-def _check_targets(key: str, node: Any) -> None:
-    """Every `_target_` in the node, nested ones included (instantiate builds those too)."""
-    if isinstance(node, DictConfig):
-        for name in node.keys():
+def check_targets(key: str, node: Any, packages: list[str]) -> None:
+    """Every `_target_` in the node, nested ones included (instantiate builds those too).
+
+    Walked unresolved: a `_target_` written as an interpolation is refused, and nodes whose
+    interpolations resolve only inside a running job (Hydra's own) can be checked before it.
+    """
+    if isinstance(node, (DictConfig, ListConfig)):
+        node = OmegaConf.to_container(node, resolve=False)
+    if isinstance(node, dict):
+        for name, child in node.items():
             if name == "_target_":
-                check_target(key, node.get(name))
+                problem = target_problem(key, child, packages)
+                if problem is not None:
+                    raise ConfigError(problem)
             else:
-                _check_targets(f"{key}.{name}", node.get(name))
-    elif isinstance(node, ListConfig):
+                check_targets(f"{key}.{name}", child, packages)
+    elif isinstance(node, list):
         for i, child in enumerate(node):
-            _check_targets(f"{key}[{i}]", child)
+            check_targets(f"{key}[{i}]", child, packages)
 
 
 def validate(cfg: DictConfig) -> QuantConfig:
@@ -213,8 +230,9 @@ def validate(cfg: DictConfig) -> QuantConfig:
         quant = quant_config(cfg)
     except ValueError as err:
         raise ConfigError(f"quant.{err}") from None
+    packages = allowed_packages(cfg)
     for key in ("model", "dataset", "optim"):
-        _check_targets(key, cfg[key])
+        check_targets(key, cfg[key], packages)
     t = cfg.trainer
     for key in ("max_steps", "float_steps"):
         if t[key] < 0:

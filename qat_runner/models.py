@@ -86,6 +86,20 @@ def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_weights(model: nn.Module, weights: str) -> nn.Module:
+    """A local checkpoint (a state_dict saved with torch.save) into a user's own model."""
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.weights={weights!r} does not exist: give a checkpoint file (a state_dict "
+                          "saved with torch.save) or null")
+    try:
+        model.load_state_dict(_load_checkpoint(path))
+    except RuntimeError as err:
+        raise ConfigError(f"model.weights={weights!r} does not match {type(model).__name__}: "
+                          f"{str(err).splitlines()[0][:300]}") from None
+    return model
+
+
 def _weights_enum(name: str, weights: str):
     try:
         return torchvision.models.get_model_weights(name)[weights.split(".")[-1]]

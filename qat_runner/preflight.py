@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 def outputs_problem(outputs: str) -> str | None:
@@ -72,20 +72,64 @@ def _one_line_reason(err: BaseException) -> str:
         option, group, options = missing.groups()
         return (f"{group}={option.rsplit('/', 1)[-1]} is not accepted: use one of "
                 f"{', '.join(options.split())}")
-    return first
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if first.endswith(":") else first
 
 
 _TYPE_WORDS = {"Integer": "use an integer", "Float": "use a number", "bool": "use true or false",
                "Boolean": "use true or false"}
 
 
-def _compose(overrides: list[str], config_name: str) -> None:
+def _compose(overrides: list[str], config_name: str) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
-    from .config import config_dir
+    from .config import config_dir, register
 
+    register()  # the structured schema the config tree's defaults lists name
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="qat_runner"):
-        compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+
+
+# Hydra builds these itself, and only from its registered plugin classes.
+_PLUGIN_NODES = ("launcher", "sweeper")
+# logging.config.dictConfig calls a handler's `class` and any `()` factory: another way to name a callable.
+_LOGGING_NODES = ("job_logging", "hydra_logging")
+
+
+def _logging_problem(node: Any, key: str) -> str | None:
+    if isinstance(node, dict):
+        for name, value in node.items():
+            if name == "()" or (name == "class" and not str(value).startswith("logging.")):
+                return (f"{key}.{name}={value!r} is not accepted: logging handlers must be classes of "
+                        "the logging package")
+            problem = _logging_problem(value, f"{key}.{name}")
+            if problem:
+                return problem
+    return None
+
+
+def job_error(cfg: DictConfig) -> str | None:
+    """A `_target_` anywhere in the composed config (callbacks included) that is not allowed, or a
+    value the job's own checks (config.validate) refuse: in a sweep, before any job starts."""
+    from .config import ConfigError, allowed_packages, check_targets, validate
+
+    try:
+        packages = allowed_packages(cfg)
+        for key in cfg.keys():
+            if key != "hydra":
+                check_targets(str(key), cfg._get_node(key), packages)
+        hydra_node = OmegaConf.to_container(cfg.hydra, resolve=False)  # some resolve only in a job
+        for key, node in hydra_node.items():
+            if key in _LOGGING_NODES:
+                problem = _logging_problem(node, f"hydra.{key}")
+                if problem:
+                    return problem
+            elif key not in _PLUGIN_NODES:
+                check_targets(f"hydra.{key}", node, packages)
+        validate(cfg)
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def _jobs_to_check(overrides: list[str]) -> list[list[str]]:
@@ -111,11 +155,13 @@ def _jobs_to_check(overrides: list[str]) -> list[list[str]]:
     return jobs
 
 
-def composition_error(argv: list[str]) -> str | None:
-    """Why Hydra would refuse this command line, in one line; None when it composes.
+def command_line_error(argv: list[str]) -> str | None:
+    """Why this command line must not run, in one line: Hydra would refuse it, it names a
+    `_target_` that is not allowed (checked before Hydra instantiates its callbacks), or a job's
+    value is out of range. None when every job composes and passes.
 
-    Interval sweeps (an Optuna search space) are left to the sweeper; a config directory given
-    with --config-dir is left to Hydra.
+    Interval sweeps (an Optuna search space) are left to the sweeper; with --config-dir the
+    extra directory joins the search path.
     """
     from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser
     from hydra.errors import HydraException
@@ -125,11 +171,14 @@ def composition_error(argv: list[str]) -> str | None:
         args, _unknown = get_args_parser().parse_known_args(argv)
     except SystemExit:  # argparse's own usage error: Hydra reports it
         return None
-    if args.config_dir or args.help or args.hydra_help or args.shell_completion:
+    if args.help or args.hydra_help or args.shell_completion:
         return None
+    extra = [f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]"] if args.config_dir else []
     try:
         for overrides in _jobs_to_check(args.overrides):
-            _compose(overrides, args.config_name or "config")
+            problem = job_error(_compose(extra + overrides, args.config_name or "config"))
+            if problem is not None:
+                return problem
     except (HydraException, OmegaConfBaseException) as err:
         return _one_line_reason(err)
     return None

@@ -4,6 +4,8 @@ Read top to bottom; each step is one call into a module that does one job.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import logging
 import random
@@ -24,7 +26,8 @@ from .data import DataSplits
 from .engine import calibrate, format_report, quantization_report, turn_quantize
 from .engine.export import export_float_onnx, export_int8_onnx
 from .engine.files import write_atomically
-from .models import weights_eval_transform
+from .models import load_weights, weights_eval_transform
+from .targets import PROJECT_TARGETS
 from .checkpoint import CHECKPOINT_FILE, Checkpointer, load_checkpoint, restore_rng_state, rng_state
 from .train import NonFiniteLossError, evaluate, stream_loader, train
 
@@ -43,6 +46,29 @@ def build(node: DictConfig, **kwargs):
         if isinstance(err.__cause__, ConfigError):
             raise err.__cause__ from None
         raise
+
+
+def build_model(node: DictConfig) -> torch.nn.Module:
+    """The model node's `_target_`, built. Our builders take every model key; a user's own class
+    (model=module) gets only the keys its constructor names, plus its weights (a checkpoint path)."""
+    if node._target_ in PROJECT_TARGETS:
+        return build(node)
+    module, _, attribute = node._target_.rpartition(".")
+    try:  # importlib, not hydra's get_object, which logs an error line of its own
+        target = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"model._target_={node._target_!r} cannot be imported ({type(err).__name__}: "
+                          f"{first_sentence(err)}): is its package installed or on PYTHONPATH?") from None
+    params = inspect.signature(target).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    keys = [k for k in node if k != "_target_" and (takes_all or k in params)]
+    model = build(OmegaConf.create({"_target_": node._target_, **{k: node[k] for k in keys}}))
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model._target_={node._target_!r} built a {type(model).__name__}, not a "
+                          "torch.nn.Module: name a model class or a function that returns one")
+    if node.get("weights") and "weights" not in keys:
+        load_weights(model, node.weights)
+    return model
 
 
 class TrainingError(RuntimeError):
@@ -102,7 +128,7 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
     resume = load_checkpoint(cfg.trainer.resume) if cfg.trainer.resume else None
     seed_everything(cfg.seed)
     data = build_data(cfg)
-    model = build(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     check_batch_size(cfg, data)
     test_batches = test_loader(cfg, data)
     example = next(iter(test_batches))[0][:2]

@@ -78,6 +78,7 @@ OUR_ROWS: dict[str, Row] = {
                                 r"tracking\.uri='?http://127\.0\.0\.1:{port}'?", r"tracking=sqlite"),
     "batch_size_too_large": Row(("trainer.batch_size=5000",), r"trainer\.batch_size=5000\b",
                                 r"at most \d+"),
+    "device_unavailable": Row(("trainer.device=cuda:99",), r"trainer\.device='cuda:99'", r"auto or cpu"),
     "optim.lr=abc": Row(("optim.lr=abc",), r"optim\.lr='abc'", r"number > 0"),
     "image_too_small": Row(("model=torchvision", "model.name=alexnet", "dataset=fake", "dataset.image_size=16"),
                            r"dataset\.image_size=16\b.*\balexnet\b", r"dataset\.image_size=63 or more"),

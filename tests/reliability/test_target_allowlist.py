@@ -1,6 +1,8 @@
-"""`_target_` allowlist: no `_target_` given on the command line reaches anything but the
-project's (qat_runner.), torch's and torchvision's namespaces, at the top of a node or nested
-inside it (hydra.utils.instantiate builds nested `_target_` nodes recursively)."""
+"""`_target_` allowlist: a `_target_` may name only the callables on the list (qat_runner/targets.py:
+our builders and callbacks, torch's optimizers and schedulers, torchvision's model builders) or a
+package the config allows (`security.allowed_targets`), at the top of a node or nested inside it
+(hydra.utils.instantiate builds nested `_target_` nodes recursively). Whole namespaces are not
+enough: `torch.*` holds ways to run arbitrary code (the escapes below)."""
 from __future__ import annotations
 
 import pytest
@@ -9,9 +11,19 @@ from reliability_support import Job, assert_no_leftovers, assert_no_training, on
 from runner_support import compose_config
 
 from qat_runner.config import ConfigError, validate
+from qat_runner.preflight import command_line_error
 
 TOP_LEVEL = {"model": "os.system", "dataset": "builtins.eval", "optim": "subprocess.call"}
-NEAR_MISSES = ["torchx.evil", "qat_runner_evil.build", "torchvision_extra.models.build", "os.path.join"]
+NEAR_MISSES = ["torchx.evil", "qat_runner_evil.build", "torchvision_extra.models.build", "os.path.join",
+               "qat_runner.engine.files.write_atomically", "torchvision.io.write_file"]
+# Callables inside the once-allowed torch namespace that run code from files or strings.
+ESCAPES = {
+    "torch.hub.load": ["+model.repo_or_dir=/tmp", "+model.model=lenet", "+model.source=local"],
+    "torch.utils.cpp_extension.load_inline": ["+model.cpp_sources=int_x"],
+    "torch.load": ["+model.f=/tmp/x.pt", "+model.weights_only=false"],
+    "torch.jit.load": ["+model.f=/tmp/x.pt"],
+    "torch.package.PackageImporter": ["+model.file_or_buffer=/tmp/x.pt"],
+}
 FAIL_FAST_SECONDS = 60.0
 # Nested targets that would run if they were instantiated: os.makedirs leaves a canary folder.
 # While the bypass exists, a job that is not refused stops cheaply: batch_size=5000 is refused
@@ -48,10 +60,36 @@ def test_validate_refuses_nested_target(node, tmp_path):
         validate(cfg)
 
 
-@pytest.mark.parametrize("overrides", [[], ["optim=adam"], ["model=torchvision", "dataset=fake"]],
-                         ids=["default", "adam", "torchvision_fake"])
+@pytest.mark.parametrize("overrides", [[], ["optim=adam"], ["model=torchvision", "dataset=fake"],
+                                       ["optim._target_=torch.optim.AdamW"],
+                                       ["model=torchvision", "model._target_=torchvision.models.resnet18"]],
+                         ids=["default", "adam", "torchvision_fake", "adamw", "torchvision_builder"])
 def test_validate_accepts_allowed_targets(overrides):
     validate(compose_config(overrides))
+
+
+@pytest.mark.parametrize("target", list(ESCAPES))
+def test_known_escapes_are_refused_in_one_line_before_anything_runs(target):
+    """What Hydra's preflight sees for `python -m qat_runner model._target_=<escape> ...`."""
+    line = command_line_error([f"model._target_={target}", *ESCAPES[target]])
+    assert line is not None and "\n" not in line, line
+    assert f"model._target_='{target}' is not accepted" in line, line
+    assert "security.allowed_targets" in line, f"the line must say how to allow a package: {line}"
+
+
+def test_allowed_targets_admit_a_named_package_only():
+    cfg = compose_config(["model=module", "model._target_=my_pkg.nets.Net", "security.allowed_targets=[my_pkg]"])
+    validate(cfg)
+    cfg = compose_config(["model=module", "model._target_=my_pkgx.nets.Net", "security.allowed_targets=[my_pkg]"])
+    with pytest.raises(ConfigError, match=r"my_pkgx\.nets\.Net"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match=r"security\.allowed_targets entry 'my pkg'"):
+        validate(compose_config(["security.allowed_targets=['my pkg']"]))
+
+
+def test_hydra_logging_classes_are_checked_too():
+    line = command_line_error(["hydra.job_logging.handlers.console.class=subprocess.Popen"])
+    assert line is not None and "hydra.job_logging.handlers.console.class='subprocess.Popen'" in line, line
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,3 +150,52 @@ def test_cli_refuses_hydra_callback_target(cli_results):
         f"+hydra.callbacks.canary._target_=os.makedirs was called\n{result.describe()}"
     assert result.returncode != 0, result.describe()
     assert "os.makedirs" in result.stderr, result.describe()
+
+
+@pytest.mark.slow
+def test_cli_refuses_torch_hub_load_without_running_hubconf(rel_cli, tmp_path):
+    """The measured escape: torch.hub.load imported and ran DIR/hubconf.py (its marker appeared)."""
+    repo, marker = tmp_path / "repo", tmp_path / "hubconf_ran"
+    repo.mkdir()
+    (repo / "hubconf.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef lenet(**kw):\n    raise SystemExit\n")
+    result = rel_cli.run(["model._target_=torch.hub.load", f"+model.repo_or_dir={repo}", "+model.model=lenet",
+                          "+model.source=local", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "store", timeout=180)
+    assert not marker.exists(), f"hubconf.py ran\n{result.describe()}"
+    assert result.returncode == 2, result.describe()
+    assert "model._target_='torch.hub.load' is not accepted" in one_error_line(result)
+    assert_no_leftovers(tmp_path / "store")
+
+
+USER_PACKAGE = '''
+from torch import nn
+
+
+class Net(nn.Module):
+    """A user's own model: its constructor takes num_classes and a key of its own."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.MaxPool2d(2), nn.Flatten(), nn.Linear(width * 16, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+'''
+
+
+@pytest.mark.slow
+def test_model_module_runs_a_users_class_once_its_package_is_allowed(rel_cli, tmp_path):
+    import json
+
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "nets.py").write_text(USER_PACKAGE)
+    args = ["model=module", "model._target_=my_pkg.nets.Net", "+model.width=4", "trainer.float_steps=30",
+            "trainer.max_steps=5"]
+    refused = rel_cli.run([*args, f"hydra.run.dir={tmp_path / 'refused'}"], tmp_path / "store0", cwd=tmp_path)
+    assert refused.returncode == 2 and "security.allowed_targets" in one_error_line(refused), refused.describe()
+    result = rel_cli.run([*args, "security.allowed_targets=[my_pkg]", f"hydra.run.dir={tmp_path / 'run'}"],
+                         tmp_path / "store", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.describe()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["quantized_layers"] == 2 and summary["int8_agreement"] >= 0.99, summary

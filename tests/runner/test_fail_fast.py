@@ -6,10 +6,8 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
-from runner_support import (RUN_FILES_INT8, CliResult, make_imagefolder, run_dirs, run_many,
-                            running_mlflow_runs)
+from runner_support import RUN_FILES_INT8, CliResult, make_imagefolder, running_mlflow_runs
 
 
 def _assert_nothing_left_running(result: CliResult) -> None:
@@ -62,51 +60,5 @@ def test_mobilenetv2_without_weights(qat_cli, tmp_path):
     _assert_nothing_left_running(result)
 
 
-# --------------------------------------------------------------------------------------------
-# Bad values: exit 2, one line naming the value (our checks) or Hydra's error (schema)
-
-BAD_VALUES = {
-    "bits_9": (["quant.bits=9"], "quant.bits=9"),
-    "bits_0": (["quant.bits=0"], "quant.bits=0"),
-    "momentum_1.5": (["quant.momentum=1.5"], "quant.momentum=1.5"),
-    "model_name": (["model=torchvision", "model.name=not_a_model"], "not_a_model"),
-    "batch_size": (["trainer.batch_size=5000"], "trainer.batch_size=5000"),
-    "device_cuda": (["trainer.device=cuda"], "trainer.device='cuda'"),
-}
-SCHEMA_ERRORS = {
-    "bits_eight": (["quant.bits=eight"], "eight"),
-    "scale_update_foo": (["quant.scale_update_method=Foo"], "Foo"),
-}
-
-
-@pytest.fixture(scope="module")
-def bad_runs(qat_cli, tmp_path_factory) -> dict[str, CliResult]:
-    jobs = {}
-    for key, (overrides, _needle) in {**BAD_VALUES, **SCHEMA_ERRORS}.items():
-        if key == "device_cuda" and torch.cuda.is_available():
-            continue
-        jobs[key] = (overrides, tmp_path_factory.mktemp(f"bad_{key}"))
-    return run_many(qat_cli, jobs, concurrency=3, timeout=180)
-
-
-@pytest.mark.parametrize("key", list(BAD_VALUES))
-def test_bad_value_exits_2(bad_runs, key):
-    if key == "device_cuda" and torch.cuda.is_available():
-        pytest.skip("trainer.device=cuda is valid on a machine with CUDA")
-    result = bad_runs[key]
-    _overrides, needle = BAD_VALUES[key]
-    assert result.returncode == 2, result.describe()
-    line = _one_error_line(result)
-    assert needle in line, line
-    assert "Traceback" not in result.stdout + result.stderr
-    _assert_nothing_left_running(result)
-
-
-@pytest.mark.parametrize("key", list(SCHEMA_ERRORS))
-def test_schema_error_exits_nonzero(bad_runs, key):
-    result = bad_runs[key]
-    _overrides, needle = SCHEMA_ERRORS[key]
-    assert result.returncode != 0, result.describe()
-    assert needle in result.stderr, result.describe()
-    assert run_dirs(result.outputs) == [], "Hydra rejects the override before the job starts"
-    _assert_nothing_left_running(result)
+# Bad values (bits, momentum, model names, batch size, Hydra's schema errors, targets, ...) are rows
+# of the bad-input matrix in tests/reliability/test_bad_input_matrix.py: one place for all of them.
