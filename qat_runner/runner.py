@@ -60,8 +60,11 @@ def build_model(node: DictConfig) -> torch.nn.Module:
         raise ConfigError(f"model._target_={node._target_!r} cannot be imported ({type(err).__name__}: "
                           f"{first_sentence(err)}): is its package installed or on PYTHONPATH?") from None
     params = inspect.signature(target).parameters
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    keys = [k for k in node if k != "_target_" and (takes_all or k in params)]
+    # A **kwargs constructor (torchvision's builders) gets num_classes and the user's own +model keys,
+    # not our bookkeeping keys (name, in_channels, image_size), which it would pass on and choke on.
+    takes_more = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    ours = {"name", "in_channels", "image_size", "weights"}
+    keys = [k for k in node if k != "_target_" and (k in params or (takes_more and k not in ours))]
     model = build(OmegaConf.create({"_target_": node._target_, **{k: node[k] for k in keys}}))
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model._target_={node._target_!r} built a {type(model).__name__}, not a "
