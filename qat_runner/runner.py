@@ -107,8 +107,9 @@ def write_json_atomically(path: Path, payload: dict) -> None:
     write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, sort_keys=True)))
 
 
-def result_table(summary: dict) -> str:
-    rows = [("float accuracy", f"{summary['float_acc']:.4f}"),
+def result_rows(summary: dict) -> list[tuple[str, str]]:
+    """(figure, value) of a run's result: the printed table and the MLflow run's description."""
+    return [("float accuracy", f"{summary['float_acc']:.4f}"),
             ("PTQ accuracy (calibration only)", f"{summary['ptq_acc']:.4f}"),
             ("QAT accuracy (test phase)", f"{summary['qat_acc']:.4f}"),
             ("int8 artifact accuracy (onnxruntime)", f"{summary['int8_acc']:.4f}"),
@@ -116,8 +117,23 @@ def result_table(summary: dict) -> str:
             ("float ONNX size", f"{summary['float_bytes']:,} B"),
             ("int8 artifact size", f"{summary['int8_bytes']:,} B ({summary['size_ratio']:.1%} of float)"),
             ("integer kernels run / quantized layers", f"{summary['int8_kernels']} / {summary['quantized_layers']}")]
+
+
+def result_table(summary: dict) -> str:
+    rows = result_rows(summary)
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def result_markdown(summary: dict, cfg: DictConfig, output_dir: Path) -> str:
+    """The run's description in the MLflow UI: the headline first (the UI shows the first lines
+    until "Show more"), then the result table and where the files are."""
+    head = (f"**int8 artifact accuracy {summary['int8_acc']:.4f}** (onnxruntime), "
+            f"{summary['int8_bytes']:,} B = {summary['size_ratio']:.1%} of float; "
+            f"{cfg.model.name} on {cfg.dataset.name}, {summary['bits']}-bit weights, "
+            f"{summary['feature_bits']}-bit features, lr {cfg.optim.lr:g}")
+    table = tracking.markdown_table(("figure", "value"), result_rows(summary))
+    return f"{head}\n\n{table}\n\nRun directory: `{output_dir}` (`{INT8_FILE}`, `{SUMMARY_FILE}`)\n"
 
 
 # Each stage draws its batches from its own seeded stream (see train.ShuffledStream).
@@ -239,5 +255,7 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
         with torch.no_grad():
             example_output = qat.eval()(example).numpy()
         tracking.log_onnx_model(int8_path, example.numpy(), example_output)
+        tracking.set_description(result_markdown(summary, cfg, output_dir))
     log.info("results\n%s", result_table(summary))
+    log.info("%s", tracking.open_hint(cfg.tracking.uri, active.info.experiment_id, run_id))
     return summary

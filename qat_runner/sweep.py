@@ -18,6 +18,16 @@
 - Each job's end also checks that no MLflow run is left active in its process (jobs of the basic
   launcher share one process), so nothing leaks into the next job.
 
+With `hydra/sweeper=optuna` (hydra-optuna-sweeper) the jobs are the trials of an Optuna study that
+maximises what each job returns, the int8 artifact accuracy: `on_multirun_start` makes the plugin's
+default (minimise, an unseeded sampler) maximise and seeds the sampler with the config's `seed`,
+unless the command line sets `hydra.sweeper.direction` or `hydra.sweeper.sampler.seed`. The plot
+then shows the accuracy by trial and against the searched key (lr), one colour per bit width.
+
+At the end the parent run's description (Markdown in the MLflow UI) holds the table of jobs, the
+best one (also in the tags `best_run_id`, `best_job`, `best_overrides` and the CSV's `best` column)
+and the plot; the log says how to open it.
+
 `python -m qat_runner.sweep SWEEP_DIR` rewrites the CSV and the plot from a sweep directory.
 """
 from __future__ import annotations
@@ -34,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,8 @@ CSV_FILE, PLOT_FILE = "sweep_summary.csv", "sweep_summary.png"
 FIGURES = ("float_acc", "ptq_acc", "qat_acc", "int8_acc", "int8_agreement", "float_bytes",
            "int8_bytes", "size_ratio", "train_seconds")
 BITS_KEY, LR_KEY = "quant.bits", "optim.lr"
+OBJECTIVE = "int8_acc"  # what a job returns (cli.hydra_main), what an Optuna study maximises
+OPTUNA = "optuna"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,8 +76,8 @@ def sweep_spec(config: DictConfig) -> tuple[list[str], dict[str, list[str]], dic
         if override.is_sweep_override():
             try:
                 choices = list(override.sweep_string_iterator())
-            except Exception:  # noqa: BLE001 - e.g. glob() needs the config loader
-                choices, jobs = [], None
+            except Exception:  # noqa: BLE001 - interval() (Optuna), glob() (needs the config loader)
+                choices, jobs = [override.input_line.partition("=")[2]], None
             if key not in values:
                 swept.append(key)
             values[key] = choices
@@ -75,6 +87,52 @@ def sweep_spec(config: DictConfig) -> tuple[list[str], dict[str, list[str]], dic
         for key in swept:
             jobs *= len(values[key])
     return swept, values, fixed, jobs
+
+
+def sweeper_kind(config: DictConfig) -> str:
+    """"optuna" for hydra-optuna-sweeper, else "grid" (Hydra's basic sweeper: every combination)."""
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    return OPTUNA if target.rsplit(".", 1)[-1] == "OptunaSweeper" else "grid"
+
+
+def _given_on_command_line(config: DictConfig) -> set[str]:
+    return {str(o).partition("=")[0].lstrip("+~") for o in
+            OmegaConf.select(config, "hydra.overrides.hydra", default=None) or []}
+
+
+def _name(value: Any) -> str:
+    """An enum's or a string's name: Direction.minimize -> "minimize"."""
+    return str(getattr(value, "name", value))
+
+
+def steer_optuna(config: DictConfig) -> dict[str, Any] | None:
+    """Make an Optuna study maximise the int8 accuracy the jobs return, with a seeded sampler.
+
+    The plugin's defaults are to minimise and to draw new trials on every run. Set on the command
+    line (`hydra.sweeper.direction=...`, `hydra.sweeper.sampler.seed=...`), they are kept. Runs in
+    `on_multirun_start`, before Hydra builds the sweeper from this same config. Returns the study's
+    settings for the parent run, None for other sweepers.
+    """
+    if sweeper_kind(config) != OPTUNA:
+        return None
+    node, given = config.hydra.sweeper, _given_on_command_line(config)
+    with read_write(node), open_dict(node):
+        if "hydra.sweeper.direction" not in given and _name(node.direction) == "minimize":
+            node.direction = "maximize"
+        sampler = node.get("sampler")
+        if (sampler is not None and "seed" in sampler and sampler.seed is None
+                and "hydra.sweeper.sampler.seed" not in given):
+            sampler.seed = int(OmegaConf.select(config, "seed", default=0) or 0)
+    sampler = node.get("sampler")
+    study = {"direction": _name(node.direction),
+             "sampler": str(OmegaConf.select(node, "sampler._target_", default="") or "").rsplit(".", 1)[-1],
+             "seed": OmegaConf.select(node, "sampler.seed", default=None), "n_trials": int(node.n_trials)}
+    if study["direction"] != "maximize":
+        log.warning("Optuna: hydra.sweeper.direction=%s: the jobs return the int8 artifact accuracy",
+                    study["direction"])
+    log.info("Optuna: %s %s, %d trials, %s (seed %s)", study["direction"], OBJECTIVE, study["n_trials"],
+             study["sampler"], study["seed"])
+    return study
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,11 +198,23 @@ def collect_rows(sweep_dir: Path, swept: Sequence[str],
         row["overrides"] = " ".join(overrides)
         row["job_dir"] = str(job_dir)
         rows.append(row)
+    best = best_row(rows)
+    for row in rows:
+        row["best"] = "yes" if row is best else ""
     return rows
 
 
+def best_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The finished job with the highest int8 accuracy; the first one on a tie (as Optuna's
+    best trial). None when no job finished."""
+    done = [row for row in rows if row.get("status") == "FINISHED" and _number(row.get(OBJECTIVE)) is not None]
+    if not done:
+        return None
+    return max(done, key=lambda row: (_number(row[OBJECTIVE]), -int(row.get("job", 0))))
+
+
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[str] = ()) -> Path:
-    columns = ["job", *swept, "status", "bits", "feature_bits", "lr", *FIGURES, "mlflow_run_id",
+    columns = ["job", *swept, "status", "best", "bits", "feature_bits", "lr", *FIGURES, "mlflow_run_id",
                "overrides", "job_dir"]
     for row in rows:  # keep whatever else a row has, after the known columns
         columns += [k for k in row if k not in columns]
@@ -226,16 +296,82 @@ def plot_summary(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[
     return path
 
 
+def plot_trials(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[str] = (),
+                title: str = "") -> Path | None:
+    """An Optuna search: int8 accuracy by trial with the best so far, and against the searched
+    numeric key (lr on a log scale), one colour per bit width; the best trial starred. None when
+    no trial finished or there is no matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator, NullFormatter
+    except ImportError:
+        log.warning("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
+        return None
+    from .tracking import short_names
+
+    points = [row for row in rows if _number(row.get(OBJECTIVE)) is not None and row.get("status") == "FINISHED"]
+    if not points:
+        log.warning("no finished trial to plot in %s", path.parent)
+        return None
+    numeric = [k for k in swept if k != BITS_KEY and all(_number(row.get(k)) is not None for row in points)]
+    x_key = numeric[0] if numeric else None
+    best = best_row(rows)
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_trial, ax_key = fig.subplots(1, 2) if x_key else (fig.subplots(1, 1), None)
+    for i, bits in enumerate(sorted({_number(row.get("bits")) or 0 for row in points})):
+        group = [row for row in points if (_number(row.get("bits")) or 0) == bits]
+        style = {"marker": "osD^v<>ph*"[i % 10], "linestyle": "none", "label": f"{bits:g}-bit weights"}
+        ax_trial.plot([int(r["job"]) for r in group], [float(r[OBJECTIVE]) for r in group], **style)
+        if ax_key is not None:
+            ax_key.plot([float(r[x_key]) for r in group], [float(r[OBJECTIVE]) for r in group], **style)
+    ordered = sorted(points, key=lambda row: int(row["job"]))
+    so_far = [max(float(r[OBJECTIVE]) for r in ordered[:i + 1]) for i in range(len(ordered))]
+    ax_trial.step([int(r["job"]) for r in ordered], so_far, where="post", color="grey", label="best so far")
+    ax_trial.set(xlabel="trial (job number)", ylabel="int8 artifact accuracy (onnxruntime)", title="search")
+    ax_trial.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if best is not None:
+        ax_trial.plot([int(best["job"])], [float(best[OBJECTIVE])], marker="*", markersize=16, color="gold",
+                      markeredgecolor="black", linestyle="none", label=f"best: job {best['job']}")
+    if ax_key is not None:
+        values = [float(r[x_key]) for r in points]
+        if min(values) > 0 and (x_key.endswith("lr") or max(values) / min(values) >= 100):
+            ax_key.set_xscale("log")
+            ax_key.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap
+        if best is not None:
+            ax_key.plot([float(best[x_key])], [float(best[OBJECTIVE])], marker="*", markersize=16,
+                        color="gold", markeredgecolor="black", linestyle="none")
+        ax_key.set(xlabel=f"{short_names([x_key])[x_key]} ({x_key})",
+                   ylabel="int8 artifact accuracy (onnxruntime)", title=f"accuracy against {x_key}")
+    for ax in (ax_trial, ax_key):
+        if ax is not None:
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    tmp.replace(path)
+    return path
+
+
 def summarize(sweep_dir: Path, swept: Sequence[str] | None = None,
               run_status: Mapping[str, str] | None = None, plot: bool = True,
-              title: str = "") -> tuple[list[dict[str, Any]], Path, Path | None]:
-    """Write sweep_summary.csv (and .png) into `sweep_dir`; returns (rows, csv path, png path)."""
-    if swept is None:
+              title: str = "", kind: str | None = None) -> tuple[list[dict[str, Any]], Path, Path | None]:
+    """Write sweep_summary.csv (and .png) into `sweep_dir`; returns (rows, csv path, png path).
+
+    `kind` ("grid" or "optuna", which plot) defaults to what the sweep directory says."""
+    if swept is None or kind is None:
         record = _read_json(sweep_dir / "mlflow_parent_run.json") or {}
-        swept = record.get("swept") or _swept_from_multirun_yaml(sweep_dir)
+        if swept is None:
+            swept = record.get("swept") or _swept_from_multirun_yaml(sweep_dir)
+        if kind is None:
+            kind = record.get("sweeper") or _kind_from_multirun_yaml(sweep_dir)
     rows = collect_rows(sweep_dir, swept, run_status)
     csv_path = write_csv(rows, sweep_dir / CSV_FILE, swept)
-    png_path = plot_summary(rows, sweep_dir / PLOT_FILE, swept, title) if plot else None
+    png_path = None
+    if plot:
+        draw = plot_trials if kind == OPTUNA else plot_summary
+        png_path = draw(rows, sweep_dir / PLOT_FILE, swept, title)
     return rows, csv_path, png_path
 
 
@@ -244,6 +380,73 @@ def _swept_from_multirun_yaml(sweep_dir: Path) -> list[str]:
         return sweep_spec(OmegaConf.load(sweep_dir / "multirun.yaml"))[0]
     except Exception:  # noqa: BLE001
         return []
+
+
+def _kind_from_multirun_yaml(sweep_dir: Path) -> str:
+    try:
+        return sweeper_kind(OmegaConf.load(sweep_dir / "multirun.yaml"))
+    except Exception:  # noqa: BLE001
+        return "grid"
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent run's description (Markdown, rendered by the MLflow UI)
+
+
+def _label_values(row: Mapping[str, Any], swept: Sequence[str]) -> str:
+    from .tracking import short_names, short_value
+
+    labels = short_names(list(swept))
+    return " ".join(f"{labels[k]}={short_value(str(row.get(k, '')))}" for k in swept)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    number = _number(value)
+    return "" if number is None else format(number, spec)
+
+
+def sweep_description(rows: Sequence[Mapping[str, Any]], parent: Mapping[str, Any],
+                      plot_logged: bool, limit: int = 7000) -> str:
+    """Markdown for the parent run: what was searched, the best job (linked), the table of jobs
+    (as many as fit MLflow's tag limit; all of them are in the CSV) and the plot."""
+    from .tracking import artifact_image, markdown_table, run_link, short_names, short_value
+
+    swept = list(parent.get("swept", []))
+    finished = sum(row["status"] == "FINISHED" for row in rows)
+    keys = ", ".join(swept) or "nothing"
+    study = parent.get("study")
+    if study:
+        head = (f"**Optuna search** over {keys} ({study['direction']} the int8 artifact accuracy; "
+                f"{study['sampler']}, seed {study['seed']}): {finished}/{len(rows)} trials finished")
+    else:
+        head = f"**Hydra sweep** over {keys}: {finished}/{len(rows)} jobs finished"
+    lines = [head + "."]
+    best = best_row(rows)
+    if best is not None:
+        link = run_link(str(parent["experiment_id"]), str(best["mlflow_run_id"]), "open its run")
+        lines.append(f"**Best: job {best['job']}** ({_label_values(best, swept)}): int8 accuracy "
+                     f"**{_fmt(best[OBJECTIVE], '.4f')}**, {_fmt(best['int8_bytes'], ',.0f')} B ({link})")
+    labels = short_names(swept)
+    header = ["job", *(labels[k] for k in swept), "status", "PTQ acc", "QAT acc", "int8 acc", "agreement",
+              "int8 size (B)"]
+    table_rows = []
+    for row in rows:
+        job = f"**{row['job']}** (best)" if row is best else str(row["job"])
+        table_rows.append([job, *(short_value(str(row.get(k, ""))) for k in swept), row["status"],
+                           _fmt(row["ptq_acc"], ".4f"), _fmt(row["qat_acc"], ".4f"),
+                           _fmt(row[OBJECTIVE], ".4f"), _fmt(row["int8_agreement"], ".3f"),
+                           _fmt(row["int8_bytes"], ",.0f")])
+    image = artifact_image(str(parent["run_id"]), PLOT_FILE, "sweep summary") if plot_logged else ""
+    footer = f"Sweep directory: `{parent.get('sweep_dir', '')}` (`{CSV_FILE}`, `{PLOT_FILE}`)"
+    shown = len(table_rows)
+    while True:
+        table = markdown_table(header, table_rows[:shown])
+        if shown < len(table_rows):
+            table += f"\n\n(first {shown} of {len(table_rows)} jobs: all of them in `{CSV_FILE}`)"
+        text = "\n\n".join([*lines, table, *([image] if image else []), footer]) + "\n"
+        if len(text) <= limit or shown == 0:
+            return text
+        shown -= 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,10 +467,11 @@ class SweepParentRun(Callback):
     # -- the launching process
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        study = steer_optuna(config)  # before Hydra builds the sweeper from this config
         if not self.enabled:
             return
         try:
-            self.parent = self._start_parent(config)
+            self.parent = self._start_parent(config, study)
         except Exception as err:  # the jobs will meet the same problem and say so
             log.error("no MLflow parent run for this sweep: %s", err, exc_info=not isinstance(err, ValueError))
             return
@@ -279,7 +483,7 @@ class SweepParentRun(Callback):
     def _at_exit(self) -> None:  # the sweep raised (a failed job, Ctrl-C) or the process exits early
         self._finish(completed=False)
 
-    def _start_parent(self, config: DictConfig) -> dict[str, Any]:
+    def _start_parent(self, config: DictConfig, study: dict[str, Any] | None = None) -> dict[str, Any]:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
@@ -293,26 +497,35 @@ class SweepParentRun(Callback):
         tracking.check_server(uri)
         experiment_id = tracking.ensure_experiment(experiment_name, artifact_root, uri=uri)
         swept, values, fixed, jobs = sweep_spec(config)
+        if study is not None:
+            jobs = study["n_trials"]
+            what = f"Optuna search over {', '.join(swept) or 'nothing'} ({study['direction']} {OBJECTIVE})"
+        else:
+            what = f"Hydra sweep over {', '.join(swept) or 'nothing'}"
 
         client = MlflowClient(tracking_uri=uri)
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+        sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
         tags = {"qat_sweep": "parent", "sweep_dir": str(sweep_dir),
                 "hydra_overrides": " ".join(str(o) for o in config.hydra.overrides.task) or "(none)",
-                "launcher": launcher.rsplit(".", 1)[-1], "git_commit": tracking.git_commit() or "unknown",
-                "mlflow.note.content": f"Hydra sweep over {', '.join(swept) or 'nothing'}: "
-                                       f"{jobs if jobs is not None else '?'} jobs; summary in {CSV_FILE}"}
+                "launcher": launcher.rsplit(".", 1)[-1], "sweeper": sweeper.rsplit(".", 1)[-1],
+                "git_commit": tracking.git_commit() or "unknown",
+                "mlflow.note.content": f"{what}: {jobs if jobs is not None else '?'} jobs; summary in "
+                                       f"{CSV_FILE} when it ends"}
         run = tracking.with_retries(
             lambda: client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags),
             "MLflow parent run")
         params = {f"sweep.{k}": ",".join(v) for k, v in values.items()}
         params.update({k: v for k, v in fixed.items() if not k.startswith(("hydra", "paths"))})
         params["sweep.jobs"] = "?" if jobs is None else str(jobs)
+        if study is not None:
+            params.update({f"sweep.{k}": v for k, v in study.items() if k != "n_trials"})
         params = {_param_key(k): str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in params.items()}
         tracking.with_retries(lambda: client.log_batch(
             run.info.run_id, params=[Param(k, v) for k, v in params.items()]), "MLflow parent params")
         record = {"run_id": run.info.run_id, "tracking_uri": uri, "experiment_id": experiment_id,
                   "experiment_name": experiment_name, "sweep_dir": str(sweep_dir), "swept": swept,
-                  "jobs": jobs}
+                  "jobs": jobs, "sweeper": OPTUNA if study is not None else "grid", "study": study}
         tracking.write_sweep_parent(sweep_dir, record)
         log.info("MLflow parent run %s for the sweep in %s (%s jobs)", run.info.run_id, sweep_dir,
                  "?" if jobs is None else jobs)
@@ -338,7 +551,7 @@ class SweepParentRun(Callback):
             run_status = {r.data.tags.get("job_dir", ""): r.info.status for r in children}
             rows, csv_path, png_path = summarize(
                 sweep_dir, parent.get("swept", []), run_status, plot=self.plot,
-                title=f"{parent['experiment_name']}: sweep {sweep_dir.name}")
+                title=f"{parent['experiment_name']}: sweep {sweep_dir.name}", kind=parent.get("sweeper", "grid"))
             for path in (csv_path, png_path):
                 if path is not None:
                     tracking.with_retries(lambda p=path: client.log_artifact(run_id, str(p)),
@@ -347,17 +560,20 @@ class SweepParentRun(Callback):
                                                           if r.data.tags.get("job_dir", "") not in
                                                           {row["job_dir"] for row in rows}]
             finished = sum(s == "FINISHED" for s in statuses)
-            accs = [(float(row["int8_acc"]), row["mlflow_run_id"]) for row in rows
-                    if row["status"] == "FINISHED" and _is_number(row["int8_acc"])]
+            best = best_row(rows)
             metrics = {"jobs_total": float(len(statuses)), "jobs_finished": float(finished),
                        "jobs_failed": float(len(statuses) - finished)}
             expected = parent.get("jobs")
             if expected is not None:
                 metrics["jobs_expected"] = float(expected)
-            if accs:
-                best_acc, best_run = max(accs)
-                metrics["best_int8_acc"] = best_acc
-                client.set_tag(run_id, "best_run_id", best_run)
+            if best is not None:
+                metrics["best_int8_acc"] = float(best[OBJECTIVE])
+                best_tags = {"best_run_id": str(best["mlflow_run_id"]), "best_job": str(best["job"]),
+                             "best_overrides": " ".join(f"{k}={best.get(k, '')}" for k in parent.get("swept", []))}
+                for key, value in best_tags.items():
+                    tracking.with_retries(lambda k=key, v=value: client.set_tag(run_id, k, v), "MLflow parent tags")
+            tracking.set_description(sweep_description(rows, parent, png_path is not None), run_id,
+                                     parent["tracking_uri"])
             now = int(time.time() * 1000)
             tracking.with_retries(lambda: client.log_batch(
                 run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()]), "MLflow parent metrics")
@@ -365,13 +581,17 @@ class SweepParentRun(Callback):
                 status = RunStatus.to_string(RunStatus.FINISHED)
             elif "KILLED" in statuses:
                 status = RunStatus.to_string(RunStatus.KILLED)
-            log.info("sweep summary: %d/%d jobs finished; %s%s", finished, len(statuses), csv_path,
+            log.info("sweep summary: %d/%d jobs finished%s; %s%s", finished, len(statuses),
+                     f", best: job {best['job']} ({_label_values(best, parent.get('swept', []))}) int8 "
+                     f"accuracy {_fmt(best[OBJECTIVE], '.4f')}" if best is not None else "", csv_path,
                      f", {png_path}" if png_path else "")
         except Exception:
             log.exception("could not summarise the sweep in %s", sweep_dir)
         finally:
             tracking.with_retries(lambda: client.set_terminated(run_id, status), "MLflow end parent run")
             log.info("MLflow parent run %s ended %s", run_id, status)
+            log.info("%s", tracking.open_hint(parent["tracking_uri"], str(parent["experiment_id"]), run_id,
+                                              "the sweep"))
 
     # -- every job's process (the launching one for the basic launcher, workers otherwise)
 
@@ -388,10 +608,6 @@ class SweepParentRun(Callback):
 def _param_key(key: str) -> str:
     """MLflow param names allow alphanumerics, _ - . / and spaces."""
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key.lstrip("+~"))
-
-
-def _is_number(value: Any) -> bool:
-    return _number(value) is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,11 +5,12 @@ import json
 import logging
 import os
 import random
+import shlex
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +20,9 @@ import numpy as np
 import onnx
 from mlflow.entities import RunStatus
 from mlflow.models import infer_signature
-from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+from mlflow.utils.mlflow_tags import (MLFLOW_EXPERIMENT_PRIMARY_METRIC_GREATER_IS_BETTER,
+                                      MLFLOW_EXPERIMENT_PRIMARY_METRIC_NAME, MLFLOW_RUN_NOTE)
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
 
 from .config import PROJECT_ROOT, ConfigError
 
@@ -77,10 +80,11 @@ def ensure_experiment(name: str, artifact_root: str | None, uri: str | None = No
 def _get_or_create_experiment(client: mlflow.MlflowClient, name: str, artifact_root: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        _add_ui_tags(client, experiment)
         return experiment.experiment_id
     location = (Path(artifact_root) / name).resolve().as_uri() if artifact_root else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=ui_tags())
     except mlflow.exceptions.MlflowException:
         experiment = client.get_experiment_by_name(name)  # created meanwhile by a parallel job
         if experiment is None:
@@ -130,6 +134,27 @@ def log_params(params: Mapping[str, Any]) -> None:
     items = [(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
     for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
         mlflow.log_params(dict(items[i:i + MAX_PARAMS_TAGS_PER_BATCH]))
+
+
+def set_description(markdown: str, run_id: str | None = None, uri: str | None = None) -> None:
+    """The run's description in the MLflow UI (its `mlflow.note.content` tag, rendered as Markdown);
+    the active run unless `run_id` is given. Cut to MLflow's tag length limit."""
+    text = markdown if len(markdown) <= MAX_TAG_VAL_LENGTH else markdown[:MAX_TAG_VAL_LENGTH - 2] + " \u2026"
+    if run_id is None:
+        mlflow.set_tag(MLFLOW_RUN_NOTE, text)
+    else:
+        with_retries(lambda: mlflow.MlflowClient(tracking_uri=uri).set_tag(run_id, MLFLOW_RUN_NOTE, text),
+                     "MLflow run description")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown (GFM) table, as the MLflow UI renders in a run's description."""
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def log_onnx_model(path: Path, example_input: np.ndarray, example_output: np.ndarray) -> str:
@@ -278,6 +303,15 @@ def swept_values(overrides: list[str], swept: list[str]) -> dict[str, str]:
     return {k.lstrip("+~"): values[k.lstrip("+~")] for k in swept if k.lstrip("+~") in values}
 
 
+def short_value(value: str) -> str:
+    """A swept value for labels: Optuna's 0.00012345678901234 as 0.0001235; anything else as is."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if len(value) > 8 else value
+
+
 def _child_run_name(run_name: str, parent: Mapping[str, Any]) -> str:
     """`<job num>: bits=4 lr=0.001` from the job's overrides of the swept keys."""
     try:
@@ -289,7 +323,7 @@ def _child_run_name(run_name: str, parent: Mapping[str, Any]) -> str:
     swept = list(parent.get("swept", []))
     labels = short_names(swept)
     values = swept_values(overrides, swept)
-    described = " ".join(f"{labels.get(k, k)}={v}" for k, v in values.items())
+    described = " ".join(f"{labels.get(k, k)}={short_value(v)}" for k, v in values.items())
     return f"{run_name}: {described}" if described else run_name
 
 
@@ -309,3 +343,98 @@ def _start_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str]
         tags = {**tags, "sweep_dir": str(parent.get("sweep_dir", "")), "job_dir": _job_dir()}
     return with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
                                                  tags=tags, **kwargs), "MLflow start_run")
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLflow UI: what it opens on, which columns the runs table shows, and where to look
+#
+# MLflow 3 opens an experiment as a GenAI app (traces, token usage) unless told otherwise. Before
+# 3.17 the UI reads the experiment's `mlflow.experimentKind` tag; 3.17 follows a global "GenAI /
+# Model training" switch in its side bar instead (remembered by the browser, `genai` at first),
+# which a page's `?workflowType=machine_learning` sets for that page. We set the tag and put the
+# parameter in every URL we print. The runs table shows params and metrics only once picked as
+# columns: a saved view (an experiment tag `mlflow.sharedViewState.<id>`, listed under "Views",
+# opened with `?viewStateShareKey=<id>`) picks the QAT figures.
+
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+RUNS_VIEW_ID, RUNS_VIEW_NAME = "qat_results", "QAT results"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_ID}"
+RUNS_VIEW_COLUMNS = (*(f"params.`{p}`" for p in ("quant.bits", "optim.lr")), *(f"metrics.`{m}`" for m in (
+    "int8_acc", "best_int8_acc", "qat_acc", "ptq_acc", "float_acc", "int8_agreement", "int8_bytes", "size_ratio")))
+UI_WORKFLOW = "workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+
+
+def ui_tags(now_ms: int | None = None) -> dict[str, str]:
+    """Experiment tags for the MLflow UI: model training, int8 accuracy as the primary metric
+    (greater is better), and the "QAT results" view of the runs table."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    state = {"selectedColumns": list(RUNS_VIEW_COLUMNS), "columnOrder": list(RUNS_VIEW_COLUMNS)}
+    view = {"name": RUNS_VIEW_NAME, "createdAt": now_ms, "updatedAt": now_ms, "state": json.dumps(state)}
+    return {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND,
+            MLFLOW_EXPERIMENT_PRIMARY_METRIC_NAME: "int8_acc",
+            MLFLOW_EXPERIMENT_PRIMARY_METRIC_GREATER_IS_BETTER: "True",
+            RUNS_VIEW_TAG: json.dumps(view)}
+
+
+def _add_ui_tags(client: mlflow.MlflowClient, experiment: Any) -> None:
+    """The UI tags an existing experiment lacks (older stores); tags a user changed are kept.
+
+    Only cosmetic: a store that refuses them (permissions, a deleted experiment) does not stop a run.
+    """
+    if experiment.lifecycle_stage != "active":
+        return
+    for key, value in ui_tags().items():
+        if key in experiment.tags:
+            continue
+        try:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+        except mlflow.exceptions.MlflowException as err:
+            if is_transient(err):
+                raise
+            log.warning("MLflow experiment %s: could not set tag %s: %s", experiment.name, key,
+                        str(err).splitlines()[0][:200])
+            return
+
+
+def ui_base(uri: str) -> tuple[str | None, str]:
+    """(the command that serves this tracking store in the MLflow UI, or None for a tracking server,
+    the UI's address: the server's own, or `mlflow ui`'s default)."""
+    if uri.startswith(("http://", "https://")):
+        return None, uri.rstrip("/")
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}", LOCAL_UI
+
+
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI at `base`."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_WORKFLOW}"
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """An experiment's runs table in the MLflow UI at `base`, with the "QAT results" columns."""
+    return f"{base}/#/experiments/{experiment_id}/runs?{UI_WORKFLOW}&viewStateShareKey={RUNS_VIEW_ID}"
+
+
+def run_link(experiment_id: str, run_id: str, text: str) -> str:
+    """A Markdown link to a run, relative to the UI that renders it (for run descriptions)."""
+    return f"[{text}](#/experiments/{experiment_id}/runs/{run_id}?{UI_WORKFLOW})"
+
+
+def artifact_image(run_id: str, path: str, alt: str) -> str:
+    """Markdown for a run's PNG artifact, shown in a description by the UI that serves the run
+    (its `get-artifact` endpoint, relative to the page, so any host or --static-prefix works)."""
+    return f"![{alt}](get-artifact?path={path}&run_uuid={run_id})"
+
+
+def open_hint(uri: str, experiment_id: str, run_id: str, what: str = "this run") -> str:
+    """Where to look: the command that starts the UI (for a local store) and the run's URL, then
+    the experiment's runs table. Printed at the end of every run and sweep."""
+    command, base = ui_base(uri)
+    lines = [f"open {what} in MLflow:"]
+    if command is not None:
+        lines.append(f"  {command}")
+        lines.append(f"  then {run_url(base, experiment_id, run_id)}")
+    else:
+        lines.append(f"  {run_url(base, experiment_id, run_id)}")
+    lines.append(f"  all runs of the experiment: {runs_url(base, experiment_id)}")
+    return "\n".join(lines)

@@ -77,6 +77,14 @@ def _check_sweep(result: Result) -> None:
 
     artifacts = {a.path for a in MlflowClient(tracking_uri=result.uri).list_artifacts(parent.info.run_id)}
     assert {"sweep_summary.csv", "sweep_summary.png"} <= artifacts, artifacts
+    # the MLflow page: the parent's description holds the table of jobs, the best one and the plot
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("**Hydra sweep** over quant.bits, optim.lr: 4/4 jobs finished."), note
+    assert f"**Best: job {parent.data.tags['best_job']}**" in note and parent.data.tags["best_run_id"] in note
+    assert note.count("| FINISHED |") == 4, note
+    assert f"get-artifact?path=sweep_summary.png&run_uuid={parent.info.run_id}" in note
+    for run in children:
+        assert f"**int8 artifact accuracy {run.data.metrics['int8_acc']:.4f}**" in run.data.tags["mlflow.note.content"]
 
     rows = read_csv(result.sweep_dir / "sweep_summary.csv")
     assert len(rows) == 4, rows
@@ -163,7 +171,9 @@ def small_sweeps(tmp_path_factory, sweeps) -> dict[str, Result]:
     """After the 2x2 sweeps (2 cores): a 2-job submitit sweep and a sweep whose 2nd job fails."""
     tmp = tmp_path_factory.mktemp("small_sweeps")
     tiny = ["trainer.float_steps=20", "trainer.max_steps=4"]
-    jobs = {"failing": start_sweep(tmp, "failing", ["quant.bits=4,9", *tiny])}
+    # a batch larger than the training set: known only once the job has loaded its data (a value
+    # out of range, e.g. quant.bits=9, now stops the whole command before the sweep starts)
+    jobs = {"failing": start_sweep(tmp, "failing", ["trainer.batch_size=16,5000", *tiny])}
     if _submitit_installed():
         jobs["submitit"] = start_sweep(tmp, "submitit", ["hydra/launcher=slurm_local", "quant.bits=4,8", *tiny])
     return {name: job.wait() for name, job in jobs.items()}
@@ -185,17 +195,18 @@ def test_submitit_local_sweep(small_sweeps):
 
 
 def test_failed_job_fails_parent_with_summary(small_sweeps):
-    """quant.bits=9 is rejected in job 1: the sweep exits non-zero, the parent run ends FAILED
-    (not RUNNING) and still carries the summary of the jobs there are."""
+    """trainer.batch_size=5000 is rejected in job 1 (digits has fewer training images): the sweep
+    exits non-zero, the parent run ends FAILED (not RUNNING) and still carries the summary of the
+    jobs there are."""
     result = small_sweeps["failing"]
     assert result.returncode != 0, result.describe()
-    assert "quant.bits=9 is not accepted" in result.stderr
+    assert "trainer.batch_size=5000 is larger than the training set" in result.stderr, result.describe()
     parent, children, runs = parent_and_children(result.uri)
     assert parent.info.status == "FAILED"
     assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
-    assert [(r.data.params["quant.bits"], r.info.status) for r in children] == [("4", "FINISHED")]
+    assert [(r.data.params["trainer.batch_size"], r.info.status) for r in children] == [("16", "FINISHED")]
     rows = read_csv(result.sweep_dir / "sweep_summary.csv")
-    assert [(row["quant.bits"], row["status"]) for row in rows] == [("4", "FINISHED"), ("9", "FAILED")]
+    assert [(row["trainer.batch_size"], row["status"]) for row in rows] == [("16", "FINISHED"), ("5000", "FAILED")]
     assert parent.data.metrics["jobs_failed"] == 1
     from mlflow.tracking import MlflowClient
 

@@ -66,6 +66,15 @@ def test_sweep_spec_from_overrides_and_sweeper_params():
     assert fixed == {"experiment": "lenet_digits", "trainer.max_steps": "10", "hydra/launcher": "parallel"}
 
 
+def test_sweep_spec_keeps_an_interval_as_written():
+    """An Optuna search space cannot be listed: its text goes to the parent's params, jobs unknown."""
+    cfg = OmegaConf.create({"hydra": {"overrides": {"task": [
+        "quant.bits=choice(4,8)", "optim.lr=tag(log, interval(1e-5, 1e-2))"]}}})
+    swept, values, _, jobs = sweep.sweep_spec(cfg)
+    assert swept == ["quant.bits", "optim.lr"] and jobs is None
+    assert values == {"quant.bits": ["4", "8"], "optim.lr": ["tag(log, interval(1e-5, 1e-2))"]}
+
+
 def test_labels_and_swept_values():
     assert tracking.short_names(["quant.bits", "optim.lr"]) == {"quant.bits": "bits", "optim.lr": "lr"}
     assert tracking.short_names(["optim.lr", "trainer.float_lr", "a.lr"]) == {
@@ -73,6 +82,8 @@ def test_labels_and_swept_values():
     overrides = ["+experiment=x", "quant.bits=4", "optim.lr=0.001", "trainer.max_steps=5"]
     assert tracking.swept_values(overrides, ["quant.bits", "optim.lr"]) == {"quant.bits": "4", "optim.lr": "0.001"}
     assert tracking.swept_values(overrides, ["experiment"]) == {"experiment": "x"}
+    assert tracking.short_value("0.0003860866271460546") == "0.0003861"
+    assert tracking.short_value("0.001") == "0.001" and tracking.short_value("PerChannel") == "PerChannel"
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,6 +108,41 @@ def test_csv_and_plot_from_job_dirs(tmp_path):
     # MLflow's view of a job's status wins over "wrote summary.json"
     rows = sweep.collect_rows(sweep_dir, ["quant.bits", "optim.lr"], {str(sweep_dir / "1"): "KILLED"})
     assert rows[1]["status"] == "KILLED"
+
+
+def test_best_job_and_parent_description(tmp_path):
+    """The best job is the first with the highest int8 accuracy (Optuna's best trial on a tie); the
+    description links it, lists the jobs and shows the plot, within MLflow's tag length."""
+    sweep_dir = _fake_sweep(tmp_path / "sweep", [
+        (0, "2", "0.001", _summary(2, 0.89, "a" * 32)), (1, "8", "0.001", _summary(8, 0.97, "b" * 32)),
+        (2, "8", "0.0001", _summary(8, 0.97, "c" * 32)), (3, "4", "0.0001", None)])
+    rows = sweep.collect_rows(sweep_dir, ["quant.bits", "optim.lr"])
+    assert sweep.best_row(rows)["job"] == 1 and [r["best"] for r in rows] == ["", "yes", "", ""]
+    parent = {"run_id": "p" * 32, "experiment_id": "7", "swept": ["quant.bits", "optim.lr"],
+              "sweep_dir": str(sweep_dir)}
+    note = sweep.sweep_description(rows, parent, plot_logged=True)
+    assert note.startswith("**Hydra sweep** over quant.bits, optim.lr: 3/4 jobs finished.")
+    assert "**Best: job 1** (bits=8 lr=0.001): int8 accuracy **0.9700**" in note
+    assert f"(#/experiments/7/runs/{'b' * 32}?workflowType=machine_learning)" in note
+    assert "| **1** (best) | 8 | 0.001 | FINISHED |" in note and "| 3 | 4 | 0.0001 | FAILED |" in note
+    assert f"![sweep summary](get-artifact?path=sweep_summary.png&run_uuid={'p' * 32})" in note
+    short = sweep.sweep_description(rows, parent, plot_logged=False, limit=len(note) - 200)
+    assert len(short) <= len(note) - 200 and "(first " in short and "get-artifact" not in short
+    assert sweep.best_row(sweep.collect_rows(_fake_sweep(tmp_path / "none", [(0, "4", "0.1", None)]),
+                                             ["quant.bits"])) is None
+
+
+def test_optuna_plot(tmp_path):
+    """Trials of an Optuna search: accuracy by trial and against lr (log scale), by bit width."""
+    sweep_dir = _fake_sweep(tmp_path / "sweep", [
+        (0, "4", "0.00012345678", _summary(4, 0.90, "a" * 32)), (1, "8", "0.0034567891", _summary(8, 0.95, "b" * 32)),
+        (2, "8", "0.00056789", _summary(8, 0.93, "c" * 32))])
+    rows, _, png_path = sweep.summarize(sweep_dir, ["quant.bits", "optim.lr"], kind="optuna", title="t")
+    assert is_png(png_path) and [r["best"] for r in rows] == ["", "yes", ""]
+    from PIL import Image
+
+    with Image.open(png_path) as image:
+        assert image.size == (1000, 400)
 
 
 def test_plot_needs_a_finished_job(tmp_path):
