@@ -26,6 +26,7 @@ class ArtifactCheck:
     torch_acc: float  # the eval-mode (test-phase) PyTorch model
     agreement: float  # fraction of samples with the same predicted class
     samples: int
+    max_logit_diff: float = 0.0  # largest |artifact - test phase| over all logits
 
 
 def session(path: str | os.PathLike, optimized_path: str | os.PathLike | None = None) -> ort.InferenceSession:
@@ -45,9 +46,12 @@ def check_artifact(path: str | os.PathLike, model: nn.Module, loader: DataLoader
     device = next(model.parameters()).device
     model.eval()
     ort_hits = torch_hits = agree = total = 0
+    max_diff = 0.0
     for inputs, targets in loader:
-        ort_pred = np.argmax(sess.run(None, {input_name: inputs.numpy()})[0], axis=1)
-        torch_pred = model(inputs.to(device)).argmax(dim=1).cpu().numpy()
+        ort_logits = sess.run(None, {input_name: inputs.numpy()})[0]
+        torch_logits = model(inputs.to(device)).float().cpu().numpy()
+        max_diff = max(max_diff, float(np.abs(ort_logits - torch_logits).max(initial=0.0)))
+        ort_pred, torch_pred = np.argmax(ort_logits, axis=1), np.argmax(torch_logits, axis=1)
         labels = targets.numpy()
         ort_hits += int((ort_pred == labels).sum())
         torch_hits += int((torch_pred == labels).sum())
@@ -55,7 +59,7 @@ def check_artifact(path: str | os.PathLike, model: nn.Module, loader: DataLoader
         total += len(labels)
     if total == 0:
         raise ValueError("check_artifact got an empty loader")
-    return ArtifactCheck(ort_hits / total, torch_hits / total, agree / total, total)
+    return ArtifactCheck(ort_hits / total, torch_hits / total, agree / total, total, max_diff)
 
 
 def runtime_op_counts(path: str | os.PathLike) -> collections.Counter:

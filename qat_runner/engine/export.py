@@ -36,9 +36,71 @@ def _export_proto(model: nn.Module, example_input: torch.Tensor) -> onnx.ModelPr
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: batch},))
     proto = program.model_proto
+    _integer_global_average_pools(proto)  # needs the exporter's shapes, dropped next
     _strip_debug_info(proto)
     _derive_bias_scales(proto)
     return proto
+
+
+def _constant_values(proto: onnx.ModelProto, name: str) -> np.ndarray | None:
+    """The value of an initializer or Constant-node output, else None."""
+    for init in proto.graph.initializer:
+        if init.name == name:
+            return onnx.numpy_helper.to_array(init)
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            value = node.attribute[0]
+            return onnx.numpy_helper.to_array(value.t) if value.type == onnx.AttributeProto.TENSOR else None
+    return None
+
+
+def _rank(proto: onnx.ModelProto, name: str) -> int | None:
+    for info in [*proto.graph.value_info, *proto.graph.input]:
+        if info.name == name and info.type.tensor_type.HasField("shape"):
+            return len(info.type.tensor_type.shape.dim)
+    return None
+
+
+def _integer_global_average_pools(proto: onnx.ModelProto) -> int:
+    """Write ReduceMean over H, W (keepdims) of a per-tensor-dequantized 4-D tensor, quantized
+    after, as GlobalAveragePool.
+
+    torch exports `adaptive_avg_pool2d(x, 1)` as ReduceMean, which onnxruntime runs in float. As
+    GlobalAveragePool (the same mean), DQ -> GlobalAveragePool -> Q fuses into the integer
+    QLinearGlobalAveragePool, which the test phase computes (`integer_ops.QuantGlobalAvgPool`).
+    Returns the number of nodes rewritten.
+    """
+    producer = {out: n for n in proto.graph.node for out in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in proto.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+
+    def quantized_after(name: str) -> bool:  # through reshapes only, as `integer_ops` requires
+        users = consumers.get(name, [])
+        while len(users) == 1 and users[0].op_type in ("Reshape", "Flatten", "Squeeze", "Identity", "Dropout"):
+            users = consumers.get(users[0].output[0], [])
+        return len(users) == 1 and users[0].op_type == "QuantizeLinear"
+
+    rewritten = 0
+    for node in proto.graph.node:
+        if node.op_type != "ReduceMean" or len(node.input) != 2 or not quantized_after(node.output[0]):
+            continue
+        dq = producer.get(node.input[0])
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axes = _constant_values(proto, node.input[1])
+        if (dq is None or dq.op_type != "DequantizeLinear" or attrs.get("keepdims", 1) != 1
+                or attrs.get("noop_with_empty_axes", 0) != 0 or axes is None
+                or _rank(proto, node.input[0]) != 4 or sorted(int(a) % 4 for a in axes.ravel()) != [2, 3]):
+            continue
+        scale = _constant_values(proto, dq.input[1])
+        if scale is None or scale.size != 1:
+            continue  # per-channel input: no integer kernel
+        node.op_type = "GlobalAveragePool"
+        del node.input[1:]
+        del node.attribute[:]
+        rewritten += 1
+    return rewritten
 
 
 def _strip_debug_info(proto: onnx.ModelProto) -> None:

@@ -14,6 +14,8 @@ from torch import fx, nn
 from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noqa: F401  registers the ops
 
 from .fake_quant import INT32_MAX, INT32_MIN, FeatureQuantizer, weight_limit
+from .integer_layers import activation_is_implied
+from .integer_ops import IntegerOp
 from .modules import QuantLayer, apply_activation, apply_weights
 
 qd = torch.ops.quantized_decomposed
@@ -48,22 +50,6 @@ class QuantDequant(nn.Module):
             return (q.to(x.dtype) - zero) * scale
         q = qd.quantize_per_tensor(x, self.scale_value, self.zero_point_value, *args)
         return qd.dequantize_per_tensor(q, self.scale_value, self.zero_point_value, *args)
-
-
-def activation_is_implied(layer: QuantLayer) -> bool:
-    """True when the output quantizer's clamp already does the ReLU/ReLU6, bit for bit.
-
-    ReLU is implied when the range starts at 0 (zero point = quant_min). ReLU6 also needs the
-    integer of 6.0 to be at or beyond quant_max. Dropping it lets onnxruntime fuse Conv -> Q.
-    """
-    q = layer.output_quant
-    if layer.activation is None or q.symmetric:
-        return layer.activation is None
-    starts_at_zero = bool((q.zero_point == q.quant_min).all())
-    if layer.activation == "relu":
-        return starts_at_zero
-    six = torch.round(6.0 / q.scale) + q.zero_point
-    return starts_at_zero and bool((six >= q.quant_max).all())
 
 
 class IntegerLayer(nn.Module):
@@ -112,6 +98,8 @@ def to_integer_model(qat_model: fx.GraphModule) -> fx.GraphModule:
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QuantLayer):
             model.add_submodule(name, IntegerLayer(mod))
+        elif isinstance(mod, IntegerOp):  # DQ -> op -> Q: onnxruntime's integer kernel
+            model.add_submodule(name, mod.plain())
     for name, mod in list(model.named_modules()):
         if isinstance(mod, FeatureQuantizer):
             model.add_submodule(name, QuantDequant(mod))

@@ -19,6 +19,7 @@ from .fake_quant import (
     quantize_bias,
     quantize_weight,
 )
+from .integer_layers import integer_kernel_output
 
 ACTIVATIONS = ("relu", "relu6")
 
@@ -109,6 +110,8 @@ class QuantLayer(nn.Module):
             y = apply_weights(self.layer, x, fake_quantize_weight(self.layer.weight, self.bits), self.layer.bias)
             if self.bn is not None:
                 y = self.bn(y)
+        elif (y := integer_kernel_output(self, x)) is not None:  # QLinearConv / QGemm, exactly
+            return self.output_quant(y)
         else:
             p = self.integer_parameters()
             weight = p["weight"].to(x.dtype) * _channel_view(p["weight_scale"], p["weight"].dim())

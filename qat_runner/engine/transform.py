@@ -4,11 +4,15 @@ Working on the traced graph (not a per-model list of layer names) is what lets a
 classifier through: a Conv2d whose only user is a BatchNorm2d is fused with it, a following
 ReLU/ReLU6 joins the fusion, and every feature tensor that enters a quantized layer gets exactly
 one quantizer (shared by all its users, and skipped where it is already quantized, e.g. a
-previous layer's output seen through Flatten or MaxPool).
+previous layer's output seen through Flatten or MaxPool). Adds and average pools between
+quantized tensors then become `integer_ops` modules, so that the test phase computes them as
+onnxruntime's integer kernels do.
 """
 from __future__ import annotations
 
 import copy
+import operator
+
 import torch
 from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
@@ -16,6 +20,7 @@ from torch.nn import functional as F
 
 from .config import FeatureScaleStatMethod, QuantConfig, ScaleUpdateMethod
 from .fake_quant import FeatureQuantizer
+from .integer_ops import QuantAdd, QuantAvgPool2d, QuantGlobalAvgPool
 from .modules import QuantConv2d, QuantLayer, QuantLinear
 
 # Ops whose output lies on the same quantization grid as their input (values are only moved or
@@ -25,6 +30,12 @@ _GRID_PRESERVING_MODULES = (nn.Flatten, nn.MaxPool2d, nn.Identity)
 _GRID_PRESERVING_FUNCTIONS = (torch.flatten, F.max_pool2d, torch.reshape)
 _GRID_PRESERVING_METHODS = ("flatten", "view", "reshape", "contiguous")
 _RELU_FUNCTIONS = (F.relu, torch.relu)
+# Between an op and the quantizer of its output, ops the int8 artifact has no float work for:
+# reshapes, and Dropout (identity in the test phase, absent from the exported graph).
+_RESHAPE_MODULES = (nn.Flatten, nn.Identity, nn.Dropout)
+_RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape)
+_ADD_FUNCTIONS = (operator.add, torch.add)
+_AVG_POOL_FUNCTIONS = (F.avg_pool2d, torch._C._nn.avg_pool2d)  # fx records the builtin
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -128,6 +139,132 @@ def _insert_input_quantizers(gm: fx.GraphModule, layer_nodes: list[fx.Node], con
         layer.set_input_quant(quantizer)
 
 
+def _on_grid(gm: fx.GraphModule) -> dict[fx.Node, FeatureQuantizer]:
+    """Nodes whose output lies on a quantization grid, with that grid's quantizer."""
+    found = {}
+    for node in gm.graph.nodes:
+        mod = _module(gm, node)
+        if isinstance(mod, FeatureQuantizer):
+            found[node] = mod
+        elif isinstance(mod, QuantLayer):
+            found[node] = mod.output_quant
+    return found
+
+
+def _quantizer_upstream(gm: fx.GraphModule, arg, on_grid: dict) -> FeatureQuantizer | None:
+    """The quantizer whose grid `arg` lies on (through grid-preserving ops), or None."""
+    while isinstance(arg, fx.Node) and arg not in on_grid and _is_grid_preserving(gm, arg) and arg.args:
+        arg = arg.args[0]
+    return on_grid.get(arg) if isinstance(arg, fx.Node) else None
+
+
+def _quantizer_downstream(gm: fx.GraphModule, node: fx.Node) -> FeatureQuantizer | None:
+    """The quantizer that `node`'s output reaches through reshapes only, or None."""
+    while (user := _single_user(node)) is not None:
+        mod = _module(gm, user)
+        if isinstance(mod, FeatureQuantizer):
+            return mod
+        reshape = (isinstance(mod, _RESHAPE_MODULES)
+                   or (user.op == "call_function" and user.target in _RESHAPE_FUNCTIONS)
+                   or (user.op == "call_method" and user.target in _GRID_PRESERVING_METHODS))
+        if not reshape or user.args[0] is not node:
+            return None
+        node = user
+    return None
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _integer_add(gm: fx.GraphModule, node: fx.Node, on_grid: dict) -> tuple[nn.Module, tuple] | None:
+    """A QuantAdd for `a + b` of two quantized tensors whose sum (or its ReLU) is quantized."""
+    is_add = ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+              or (node.op == "call_method" and node.target == "add"))
+    if not is_add or len(node.args) != 2 or node.kwargs:
+        return None  # in-place adds, alpha=...: left as they are
+    a, b = (_quantizer_upstream(gm, arg, on_grid) for arg in node.args)
+    if a is None or b is None:
+        return None
+    user = _single_user(node)
+    if user is not None and _activation_kind(gm, user) == "relu" and (after := _single_user(user)) is not None:
+        out, relu = _module(gm, after), True
+    else:
+        out, relu = (_module(gm, user) if user is not None else None), False
+    if not isinstance(out, FeatureQuantizer):
+        return None
+    return QuantAdd(a, b, out, relu_between=relu), tuple(node.args)
+
+
+def _integer_avg_pool(gm: fx.GraphModule, node: fx.Node, on_grid: dict) -> tuple[nn.Module, tuple] | None:
+    """A QuantAvgPool2d for a floor-mode average pool of a quantized tensor, quantized after."""
+    mod = _module(gm, node)
+    if type(mod) is nn.AvgPool2d:
+        kernel, stride, padding = mod.kernel_size, mod.stride, mod.padding
+        ceil_mode, include_pad, divisor = mod.ceil_mode, mod.count_include_pad, mod.divisor_override
+    elif node.op == "call_function" and node.target in _AVG_POOL_FUNCTIONS:
+        kernel, stride, padding = _arg(node, 1, "kernel_size"), _arg(node, 2, "stride"), _arg(node, 3, "padding", 0)
+        ceil_mode, include_pad = _arg(node, 4, "ceil_mode", False), _arg(node, 5, "count_include_pad", True)
+        divisor = _arg(node, 6, "divisor_override")
+    else:
+        return None
+    if ceil_mode or divisor is not None or any(isinstance(v, fx.Node) for v in (kernel, stride, padding)):
+        return None
+    x = _quantizer_upstream(gm, node.args[0], on_grid)
+    out = _quantizer_downstream(gm, node)
+    if x is None or out is None:
+        return None
+    return QuantAvgPool2d(x, out, kernel, stride, padding, bool(include_pad)), (node.args[0],)
+
+
+def _global_pool_kind(gm: fx.GraphModule, node: fx.Node) -> tuple[str, tuple[int, int]] | None:
+    """('adaptive', dims) or ('mean', dims) if `node` averages over H and W to 1x1, else None."""
+    mod = _module(gm, node)
+    if type(mod) is nn.AdaptiveAvgPool2d:
+        return ("adaptive", (2, 3)) if mod.output_size in (1, (1, 1)) else None
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        return ("adaptive", (2, 3)) if _arg(node, 1, "output_size") in (1, (1, 1), [1, 1]) else None
+    is_mean = ((node.op == "call_function" and node.target is torch.mean)
+               or (node.op == "call_method" and node.target == "mean"))
+    if not is_mean or set(node.kwargs) - {"dim", "keepdim"} or len(node.args) > 3:
+        return None
+    dims, keepdim = _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False)
+    if keepdim is True and isinstance(dims, (tuple, list)) and tuple(dims) in ((2, 3), (-2, -1)):
+        return "mean", tuple(dims)
+    return None
+
+
+def _integer_global_pool(gm: fx.GraphModule, node: fx.Node, on_grid: dict) -> tuple[nn.Module, tuple] | None:
+    """A QuantGlobalAvgPool for a mean over H, W of a quantized tensor, quantized after."""
+    kind = _global_pool_kind(gm, node)
+    if kind is None:
+        return None
+    x = _quantizer_upstream(gm, node.args[0], on_grid)
+    out = _quantizer_downstream(gm, node)
+    if x is None or out is None:
+        return None
+    return QuantGlobalAvgPool(x, out, how=kind[0], dims=kind[1]), (node.args[0],)
+
+
+def _replace_integer_ops(gm: fx.GraphModule) -> None:
+    """Put `integer_ops` modules where onnxruntime will run an integer add or average pool."""
+    on_grid = _on_grid(gm)
+    for node in list(gm.graph.nodes):
+        found = (_integer_add(gm, node, on_grid) or _integer_avg_pool(gm, node, on_grid)
+                 or _integer_global_pool(gm, node, on_grid))
+        if found is None:
+            continue
+        module, args = found
+        name = f"{node.name}_int"
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, args=args)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
 def turn_quantize(
     model: nn.Module,
     bits: int = 8,
@@ -141,8 +278,10 @@ def turn_quantize(
 
     Every Conv2d (any groups) and Linear is quantized: weights symmetric per output channel
     with `bits`, features with `feature_bits` and a running range per tensor or per channel.
-    Conv2d followed by BatchNorm2d (and ReLU/ReLU6) is fused. The result is an
-    `torch.fx.GraphModule`; `.train()` gives QAT, `.eval()` the integer test phase.
+    Conv2d followed by BatchNorm2d (and ReLU/ReLU6) is fused. Adds and average pools whose
+    inputs and output are quantized compute, in the test phase, what onnxruntime's integer
+    kernels compute (`integer_ops`). The result is an `torch.fx.GraphModule`; `.train()` gives
+    QAT, `.eval()` the integer test phase.
     Raises ValueError on a bad setting, TypeError if the model cannot be traced by torch.fx.
     """
     config = QuantConfig(bits, feature_bits, feature_scale_stat_method, scale_update_method,
@@ -154,6 +293,7 @@ def turn_quantize(
         raise TypeError(f"turn_quantize cannot trace {type(model).__name__} with torch.fx: {err}") from err
     layer_nodes = _fuse_layers(gm, config)
     _insert_input_quantizers(gm, layer_nodes, config)
+    _replace_integer_ops(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

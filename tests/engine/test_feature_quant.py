@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qat_runner.engine import FeatureQuantizer, QuantConfig
+from qat_runner.engine.fake_quant import OUTGROWN_FACTOR
 
 M = 0.9  # a momentum far from 1 so a wrong rule is visible
 
@@ -89,9 +90,12 @@ def check_asym_scale_zp(q, bits=8):
 def test_asymmetric_moving_average_range():
     q = make_q(scale_update_method="MovingAverage")
     x1 = batch((4, 3, 5, 5), 1, shift=0.5)  # both signs
-    x2 = batch((4, 3, 5, 5), 2, shift=1.0, mag=3.0)
+    x2 = batch((4, 3, 5, 5), 2, shift=1.0, mag=1.5)
     lo1, hi1 = x1.min().clamp(max=0.0).reshape(1), x1.max().clamp(min=0.0).reshape(1)
     lo2, hi2 = x2.min().clamp(max=0.0).reshape(1), x2.max().clamp(min=0.0).reshape(1)
+    # under OUTGROWN_FACTOR times the first range: blended (a wider batch widens at once, see
+    # tests/engine/test_qat_from_scratch.py)
+    assert hi2 - lo2 < OUTGROWN_FACTOR * (hi1 - lo1)
     q(x1)
     assert torch.equal(q.running_min, lo1) and torch.equal(q.running_max, hi1)
     check_asym_scale_zp(q)
@@ -190,11 +194,12 @@ def test_per_channel_moving_average_per_entry():
     q = make_q(C, 1, feature_scale_stat_method="PerChannel", symmetric_features=True,
                scale_update_method="MovingAverage")
     x1 = batch((2, C, 4, 4), 1) * torch.tensor([1.0, 2.0, 4.0]).reshape(1, C, 1, 1)
-    x2 = batch((2, C, 4, 4), 2) * torch.tensor([4.0, 0.5, 1.0]).reshape(1, C, 1, 1)
+    x2 = batch((2, C, 4, 4), 2) * torch.tensor([1.5, 1.5, 3.0]).reshape(1, C, 1, 1)
     q(x1)
     q(x2)
     for c in range(C):
         s1, s2 = sym_scale(x1[:, c]), sym_scale(x2[:, c])
+        assert s2 < OUTGROWN_FACTOR * s1, "within the factor: blended, not widened at once"
         assert torch.equal(q.scale[c:c + 1], M * s1 + (1 - M) * s2)
 
 
