@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, first_sentence
+from .errors import ConfigError, first_sentence
 from .engine.files import write_atomically
 
 CHECKPOINT_FILE = "last.pt"

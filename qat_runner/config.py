@@ -6,7 +6,6 @@ checks (2..8 bits, momentum in (0, 1), step counts, device) before any data or m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -14,32 +13,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .engine import FeatureScaleStatMethod, QuantConfig, ScaleUpdateMethod
+from .errors import ConfigError, first_sentence  # noqa: F401 - re-exported
+from .paths import PACKAGE_DIR, PROJECT_ROOT, config_dir, default_outputs, in_checkout  # noqa: F401
 from .targets import check_allowed_packages, target_problem
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-PROJECT_ROOT = PACKAGE_DIR.parent  # the checkout, when running from one
-
-
-def in_checkout() -> bool:
-    """True when the package runs from a source checkout (editable install or PYTHONPATH)."""
-    return (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "conf" / "config.yaml").is_file()
-
-
-def config_dir() -> Path:
-    """The config tree: the checkout's top-level conf/, or the copy a wheel ships in the package."""
-    return PROJECT_ROOT / "conf" if in_checkout() else PACKAGE_DIR / "conf"
-
-
-def default_outputs() -> Path:
-    """The checkout's outputs/ (whatever the working directory), else ./outputs of the working
-    directory: an installed package must not write into site-packages."""
-    return PROJECT_ROOT / "outputs" if in_checkout() else Path.cwd() / "outputs"
-
-
-
-
-class ConfigError(ValueError):
-    """A bad value in the user's config: reported as one line, exit code 2, before training."""
 
 
 @dataclass
@@ -150,11 +126,6 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = MISSING
     security: SecurityConfig = field(default_factory=SecurityConfig)
-
-
-def first_sentence(err: BaseException) -> str:
-    """The gist of a library's error, without its advice (torch suggests weights_only=False)."""
-    return str(err).splitlines()[0].split(". ")[0][:200]
 
 
 def register() -> None:

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .config import ConfigError, first_sentence
+from .errors import ConfigError, first_sentence
 
 
 class LeNet(nn.Module):

@@ -10,6 +10,8 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from .config import ConfigError, first_sentence, resolve_device, validate
 from .data import DataSplits
 from .engine import calibrate, format_report, quantization_report, turn_quantize
 from .engine.export import export_float_onnx, export_int8_onnx
-from .engine.files import write_atomically
+from .engine.files import write_text_atomically
 from .models import load_weights, weights_eval_transform
 from .targets import PROJECT_TARGETS
 from .checkpoint import CHECKPOINT_FILE, Checkpointer, load_checkpoint, restore_rng_state, rng_state
@@ -104,7 +106,7 @@ def test_loader(cfg: DictConfig, data: DataSplits) -> DataLoader:
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
-    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, sort_keys=True)))
+    write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 def result_rows(summary: dict) -> list[tuple[str, str]]:
@@ -140,11 +142,72 @@ def result_markdown(summary: dict, cfg: DictConfig, output_dir: Path) -> str:
 FLOAT_STREAM, CALIBRATION_STREAM, QAT_STREAM = 0, 1, 2
 
 
+@dataclass
+class Start:
+    """Where QAT begins: the QAT model and its optimizer, the float and PTQ accuracies, and the
+    step (with the training time before it) to go on from; a resumed job also brings its MLflow
+    run and the random state to restore just before training goes on."""
+
+    qat: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    float_acc: float
+    ptq_acc: float
+    step: int = 0
+    seconds_before: float = 0.0
+    run_id: str | None = None
+    rng: dict | None = None
+
+    def restore_rng(self) -> None:
+        if self.rng is not None:
+            restore_rng_state(self.rng)
+
+
+def resumed_start(cfg: DictConfig, checkpoint: dict, model: torch.nn.Module,
+                  make_qat: Callable[[], torch.nn.Module]) -> Start:
+    """The state saved in `checkpoint`, loaded into this config's model and optimizer; everything
+    that can fail is checked here, before the MLflow run reopens."""
+    try:
+        model.load_state_dict(checkpoint["float_model"])
+        qat = make_qat()
+        qat.load_state_dict(checkpoint["qat_model"])
+        optimizer = instantiate(cfg.optim)(qat.parameters())
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ConfigError(f"trainer.resume={cfg.trainer.resume!r} does not match this config's model or "
+                          f"optimizer ({first_sentence(err)}): resume with the config of that run") from None
+    tracking.require_run(cfg.tracking.uri, checkpoint["mlflow_run_id"], f"trainer.resume={cfg.trainer.resume!r}")
+    log.info("float accuracy %.4f", checkpoint["float_acc"])
+    log.info("resumed from %s at QAT step %d", cfg.trainer.resume, checkpoint["step"])
+    return Start(qat, optimizer, checkpoint["float_acc"], checkpoint["ptq_acc"], checkpoint["step"],
+                 checkpoint["train_seconds"], checkpoint["mlflow_run_id"], checkpoint["rng"])
+
+
+def fresh_start(cfg: DictConfig, model: torch.nn.Module, make_qat: Callable[[], torch.nn.Module],
+                stream: Callable[[int], DataLoader], test_batches: DataLoader, device: torch.device) -> Start:
+    """A new run's params, the float model trained (`trainer.float_steps`), then the QAT model,
+    its optimizer and the PTQ baseline (calibration only)."""
+    t = cfg.trainer
+    tracking.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
+    if t.float_steps > 0:
+        optimizer = instantiate(cfg.optim, lr=t.float_lr)(model.parameters())
+        train(model, stream(FLOAT_STREAM), optimizer, t.float_steps, device, "float training",
+              lambda s, loss, acc: tracking.log_metrics({"float_train_loss": loss, "float_train_acc": acc}, step=s),
+              t.log_every)
+    float_acc = evaluate(model, test_batches, device)
+    log.info("float accuracy %.4f", float_acc)
+    qat = make_qat()
+    optimizer = instantiate(cfg.optim)(qat.parameters())
+    calibrate(qat, stream(CALIBRATION_STREAM), cfg.quant.calibration_batches)
+    ptq_acc = evaluate(qat, test_batches, device)
+    log.info("PTQ accuracy %.4f (%d calibration batches)", ptq_acc, cfg.quant.calibration_batches)
+    return Start(qat, optimizer, float_acc, ptq_acc)
+
+
 def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
     """Run one job; returns the summary also written to `output_dir/summary.json`."""
     quant = validate(cfg)  # every check that needs no data or model, before loading anything
     device = resolve_device(cfg.trainer.device)
-    resume = load_checkpoint(cfg.trainer.resume) if cfg.trainer.resume else None
+    checkpoint = load_checkpoint(cfg.trainer.resume) if cfg.trainer.resume else None
     seed_everything(cfg.seed)
     data = build_data(cfg)
     model = build_model(cfg.model).to(device)
@@ -162,53 +225,21 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
                              scale_update_method=quant.scale_update_method, momentum=quant.momentum,
                              symmetric_features=quant.symmetric_features)
 
-    if resume is not None:  # everything that can fail is checked before the MLflow run reopens
-        try:
-            model.load_state_dict(resume["float_model"])
-            qat = make_qat()
-            qat.load_state_dict(resume["qat_model"])
-            optimizer = instantiate(cfg.optim)(qat.parameters())
-            optimizer.load_state_dict(resume["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise ConfigError(f"trainer.resume={t.resume!r} does not match this config's model or "
-                              f"optimizer ({first_sentence(err)}): resume with the config of that run") from None
-        tracking.require_run(cfg.tracking.uri, resume["mlflow_run_id"], f"trainer.resume={t.resume!r}")
-
+    # A resumed job is checked against its checkpoint before its MLflow run reopens; a fresh job
+    # trains the float model and measures the PTQ baseline inside its new run.
+    resumed = resumed_start(cfg, checkpoint, model, make_qat) if checkpoint is not None else None
     tags = {"git_commit": tracking.git_commit() or "unknown", "hydra_overrides": overrides or "(none)",
             "model": cfg.model.name, "dataset": cfg.dataset.name}
     with tracking.tracked_run(cfg.tracking.uri, cfg.tracking.experiment_name, cfg.tracking.artifact_root,
                               run_name=output_dir.name, tags=tags,
-                              resume_run_id=resume["mlflow_run_id"] if resume else None) as active:
+                              resume_run_id=resumed.run_id if resumed else None) as active:
         run_id = active.info.run_id
-        if resume is None:
-            tracking.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
         OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
-
-        if resume is not None:
-            float_acc = resume["float_acc"]
-        else:
-            if t.float_steps > 0:
-                optimizer = instantiate(cfg.optim, lr=t.float_lr)(model.parameters())
-                train(model, stream(FLOAT_STREAM), optimizer, t.float_steps, device, "float training",
-                      lambda s, loss, acc: tracking.mlflow.log_metrics(
-                          {"float_train_loss": loss, "float_train_acc": acc}, step=s), t.log_every)
-            float_acc = evaluate(model, test_batches, device)
-        log.info("float accuracy %.4f", float_acc)
-
-        if resume is None:
-            qat = make_qat()
-            optimizer = instantiate(cfg.optim)(qat.parameters())
+        start = resumed or fresh_start(cfg, model, make_qat, stream, test_batches, device)
+        qat, optimizer, float_acc, ptq_acc = start.qat, start.optimizer, start.float_acc, start.ptq_acc
         layers = quantization_report(qat)
         (output_dir / "quantized_layers.txt").write_text(format_report(layers) + "\n")
-        if resume is not None:
-            ptq_acc, start_step, seconds_before = resume["ptq_acc"], resume["step"], resume["train_seconds"]
-            restore_rng_state(resume["rng"])
-            log.info("resumed from %s at QAT step %d", cfg.trainer.resume, start_step)
-        else:
-            calibrate(qat, stream(CALIBRATION_STREAM), cfg.quant.calibration_batches)
-            ptq_acc = evaluate(qat, test_batches, device)
-            start_step, seconds_before = 0, 0.0
-            log.info("PTQ accuracy %.4f (%d calibration batches)", ptq_acc, cfg.quant.calibration_batches)
+        start.restore_rng()
 
         checkpoint_path = output_dir / "checkpoints" / CHECKPOINT_FILE
         started = time.perf_counter()
@@ -217,18 +248,17 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
             return {"step": step, "float_model": model.state_dict(), "qat_model": qat.state_dict(),
                     "optimizer": optimizer.state_dict(), "rng": rng_state(), "float_acc": float_acc,
                     "ptq_acc": ptq_acc, "mlflow_run_id": run_id,
-                    "train_seconds": seconds_before + time.perf_counter() - started}
+                    "train_seconds": start.seconds_before + time.perf_counter() - started}
 
         checkpointer = Checkpointer(checkpoint_path, state, t.checkpoint_every)
         try:
-            result = train(qat, stream(QAT_STREAM, start_step), optimizer, t.max_steps, device, "QAT",
-                           lambda s, loss, acc: tracking.mlflow.log_metrics(
-                               {"train_loss": loss, "train_acc": acc}, step=s),
-                           t.log_every, start_step=start_step, checkpointer=checkpointer)
+            result = train(qat, stream(QAT_STREAM, start.step), optimizer, t.max_steps, device, "QAT",
+                           lambda s, loss, acc: tracking.log_metrics({"train_loss": loss, "train_acc": acc}, step=s),
+                           t.log_every, start_step=start.step, checkpointer=checkpointer)
         except NonFiniteLossError as err:
             where = f"last good checkpoint: {checkpoint_path}" if checkpoint_path.exists() else "no checkpoint yet"
             raise TrainingError(f"{err} ({where})") from None
-        train_seconds = seconds_before + result.seconds
+        train_seconds = start.seconds_before + result.seconds
         qat_acc = evaluate(qat, test_batches, device)
         log.info("QAT accuracy %.4f after %d steps (%.1f s)", qat_acc, t.max_steps, train_seconds)
 
@@ -248,10 +278,10 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
         summary["size_ratio"] = summary["int8_bytes"] / summary["float_bytes"]
         write_json_atomically(output_dir / SUMMARY_FILE, summary)
 
-        tracking.mlflow.log_metrics({k: float(v) for k, v in summary.items()
-                                     if isinstance(v, (int, float)) and k not in ("bits", "feature_bits")})
+        tracking.log_metrics({k: float(v) for k, v in summary.items()
+                              if isinstance(v, (int, float)) and k not in ("bits", "feature_bits")})
         for name in (SUMMARY_FILE, "resolved_config.yaml", "quantized_layers.txt"):
-            tracking.mlflow.log_artifact(str(output_dir / name))
+            tracking.log_artifact(output_dir / name)
         with torch.no_grad():
             example_output = qat.eval()(example).numpy()
         tracking.log_onnx_model(int8_path, example.numpy(), example_output)

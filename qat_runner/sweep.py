@@ -57,6 +57,118 @@ OPTUNA = "optuna"
 
 
 # ---------------------------------------------------------------------------------------------
+# The parent run's record, and the jobs that attach to it (tracking.tracked_run asks child_run)
+
+SWEEP_PARENT_FILE = "mlflow_parent_run.json"  # in the sweep directory, written before jobs start
+
+
+def write_sweep_parent(sweep_dir: Path, info: Mapping[str, Any]) -> Path:
+    """Atomically write the parent run's record (run_id, tracking_uri, experiment_id, swept)."""
+    from .engine.files import write_text_atomically
+
+    return write_text_atomically(sweep_dir / SWEEP_PARENT_FILE, json.dumps(dict(info), indent=2, sort_keys=True))
+
+
+def read_sweep_parent(sweep_dir: Path) -> dict[str, Any] | None:
+    path = sweep_dir / SWEEP_PARENT_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def sweep_parent(uri: str, experiment_id: str) -> dict[str, Any] | None:
+    """Inside a Hydra multirun job, the sweep's parent run record; None for a single run.
+
+    Read from the sweep directory (shared by every launcher: in-process, joblib workers, submitit
+    jobs on other nodes), not from the environment, so nothing leaks into unrelated runs. A job
+    whose tracking store or experiment differs from the parent's is not attached.
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return None
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return None
+        output_dir = Path(hydra_cfg.runtime.output_dir)
+        folders = [Path(hydra_cfg.sweep.dir), *list(output_dir.parents)[:3]]
+    except Exception as err:  # noqa: BLE001 - no Hydra context: a plain run
+        log.debug("no Hydra sweep context: %s", err)
+        return None
+    for folder in folders:
+        info = read_sweep_parent(folder)
+        if info is None:
+            continue
+        if info.get("tracking_uri") != uri or str(info.get("experiment_id")) != str(experiment_id):
+            log.warning("not attaching to the sweep's parent run %s: it is in %s (experiment %s), "
+                        "this job logs to %s (experiment %s)", info.get("run_id"),
+                        info.get("tracking_uri"), info.get("experiment_id"), uri, experiment_id)
+            return None
+        return info
+    return None
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Column/run-name labels for override keys: the last dotted part where it is unambiguous."""
+    last = [k.lstrip("+~").rsplit(".", 1)[-1].rsplit("/", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k.lstrip("+~")) for k, s in zip(keys, last)}
+
+
+def swept_values(overrides: list[str], swept: list[str]) -> dict[str, str]:
+    """{key: value} of a job's overrides for the swept keys (in the sweep's order)."""
+    values = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.lstrip("+~") in {k.lstrip("+~") for k in swept}:
+            values[key.lstrip("+~")] = value
+    return {k.lstrip("+~"): values[k.lstrip("+~")] for k in swept if k.lstrip("+~") in values}
+
+
+def short_value(value: str) -> str:
+    """A swept value for labels: Optuna's 0.00012345678901234 as 0.0001235; anything else as is."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if len(value) > 8 else value
+
+
+def _child_run_name(run_name: str, parent: Mapping[str, Any]) -> str:
+    """`<job num>: bits=4 lr=0.001` from the job's overrides of the swept keys."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001
+        return run_name
+    swept = list(parent.get("swept", []))
+    labels = short_names(swept)
+    values = swept_values(overrides, swept)
+    described = " ".join(f"{labels.get(k, k)}={short_value(v)}" for k, v in values.items())
+    return f"{run_name}: {described}" if described else run_name
+
+
+def _job_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().runtime.output_dir)
+
+
+def child_run(uri: str, experiment_id: str, run_name: str,
+              tags: dict[str, str]) -> tuple[str, dict[str, str], str | None]:
+    """(run name, tags, parent run id) for a job's MLflow run: inside a multirun job whose sweep has
+    a parent run in the same store and experiment, the child's; otherwise the inputs and None."""
+    parent = sweep_parent(uri, experiment_id)
+    if parent is None:
+        return run_name, tags, None
+    tags = {**tags, "sweep_dir": str(parent.get("sweep_dir", "")), "job_dir": _job_dir()}
+    return _child_run_name(run_name, parent), tags, parent["run_id"]
+
+
+# ---------------------------------------------------------------------------------------------
 # What is swept
 
 
@@ -173,8 +285,6 @@ def collect_rows(sweep_dir: Path, swept: Sequence[str],
     `run_status` maps a job directory (as logged in the child run's `job_dir` tag) to its
     MLflow run status; without it a job is FINISHED when it wrote summary.json.
     """
-    from .tracking import swept_values
-
     rows = []
     for num, job_dir in _job_dirs(sweep_dir):
         try:
@@ -218,13 +328,15 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[str
                "overrides", "job_dir"]
     for row in rows:  # keep whatever else a row has, after the known columns
         columns += [k for k in row if k not in columns]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-    return path
+    from .engine.files import write_atomically
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return write_atomically(path, write)
 
 
 def _number(value: Any) -> float | None:
@@ -244,8 +356,6 @@ def plot_summary(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[
     except ImportError:
         log.warning("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
         return None
-    from .tracking import short_names
-
     others = [k for k in swept if k != BITS_KEY]
     labels = short_names(list(others))
     groups: dict[str, list[tuple[float, float, float]]] = {}
@@ -290,10 +400,7 @@ def plot_summary(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[
         ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
-    return path
+    return _save_png(fig, path)
 
 
 def plot_trials(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[str] = (),
@@ -307,8 +414,6 @@ def plot_trials(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[s
     except ImportError:
         log.warning("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
         return None
-    from .tracking import short_names
-
     points = [row for row in rows if _number(row.get(OBJECTIVE)) is not None and row.get("status") == "FINISHED"]
     if not points:
         log.warning("no finished trial to plot in %s", path.parent)
@@ -348,10 +453,13 @@ def plot_trials(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[s
             ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
-    return path
+    return _save_png(fig, path)
+
+
+def _save_png(fig: Any, path: Path) -> Path:
+    from .engine.files import write_atomically
+
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def summarize(sweep_dir: Path, swept: Sequence[str] | None = None,
@@ -394,8 +502,6 @@ def _kind_from_multirun_yaml(sweep_dir: Path) -> str:
 
 
 def _label_values(row: Mapping[str, Any], swept: Sequence[str]) -> str:
-    from .tracking import short_names, short_value
-
     labels = short_names(list(swept))
     return " ".join(f"{labels[k]}={short_value(str(row.get(k, '')))}" for k in swept)
 
@@ -409,7 +515,7 @@ def sweep_description(rows: Sequence[Mapping[str, Any]], parent: Mapping[str, An
                       plot_logged: bool, limit: int = 7000) -> str:
     """Markdown for the parent run: what was searched, the best job (linked), the table of jobs
     (as many as fit MLflow's tag limit; all of them are in the CSV) and the plot."""
-    from .tracking import artifact_image, markdown_table, run_link, short_names, short_value
+    from .tracking import artifact_image, markdown_table, run_link
 
     swept = list(parent.get("swept", []))
     finished = sum(row["status"] == "FINISHED" for row in rows)
@@ -526,7 +632,7 @@ class SweepParentRun(Callback):
         record = {"run_id": run.info.run_id, "tracking_uri": uri, "experiment_id": experiment_id,
                   "experiment_name": experiment_name, "sweep_dir": str(sweep_dir), "swept": swept,
                   "jobs": jobs, "sweeper": OPTUNA if study is not None else "grid", "study": study}
-        tracking.write_sweep_parent(sweep_dir, record)
+        write_sweep_parent(sweep_dir, record)
         log.info("MLflow parent run %s for the sweep in %s (%s jobs)", run.info.run_id, sweep_dir,
                  "?" if jobs is None else jobs)
         return record

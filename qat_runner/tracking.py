@@ -24,7 +24,8 @@ from mlflow.utils.mlflow_tags import (MLFLOW_EXPERIMENT_PRIMARY_METRIC_GREATER_I
                                       MLFLOW_EXPERIMENT_PRIMARY_METRIC_NAME, MLFLOW_RUN_NOTE)
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
 
-from .config import PROJECT_ROOT, ConfigError
+from .errors import ConfigError
+from .paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,16 @@ def log_params(params: Mapping[str, Any]) -> None:
         mlflow.log_params(dict(items[i:i + MAX_PARAMS_TAGS_PER_BATCH]))
 
 
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Metrics of the active run (at `step`, when given)."""
+    mlflow.log_metrics(dict(metrics), step=step)
+
+
+def log_artifact(path: str | os.PathLike) -> None:
+    """A file of the active run, as an artifact."""
+    mlflow.log_artifact(str(path))
+
+
 def set_description(markdown: str, run_id: str | None = None, uri: str | None = None) -> None:
     """The run's description in the MLflow UI (its `mlflow.note.content` tag, rendered as Markdown);
     the active run unless `run_id` is given. Cut to MLflow's tag length limit."""
@@ -229,118 +240,12 @@ def with_retries(fn: Callable[[], T], what: str, delays: tuple[float, ...] = RET
     raise AssertionError("unreachable")
 
 
-# ---------------------------------------------------------------------------------------------
-# Sweeps: jobs of a Hydra multirun attach to the parent run that qat_runner.sweep created
-
-SWEEP_PARENT_FILE = "mlflow_parent_run.json"  # in the sweep directory, written before jobs start
-
-
-def write_sweep_parent(sweep_dir: Path, info: Mapping[str, Any]) -> Path:
-    """Atomically write the parent run's record (run_id, tracking_uri, experiment_id, swept)."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    path = sweep_dir / SWEEP_PARENT_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(dict(info), indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
-
-
-def read_sweep_parent(sweep_dir: Path) -> dict[str, Any] | None:
-    path = sweep_dir / SWEEP_PARENT_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def sweep_parent(uri: str, experiment_id: str) -> dict[str, Any] | None:
-    """Inside a Hydra multirun job, the sweep's parent run record; None for a single run.
-
-    Read from the sweep directory (shared by every launcher: in-process, joblib workers, submitit
-    jobs on other nodes), not from the environment, so nothing leaks into unrelated runs. A job
-    whose tracking store or experiment differs from the parent's is not attached.
-    """
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        if not HydraConfig.initialized():
-            return None
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            return None
-        output_dir = Path(hydra_cfg.runtime.output_dir)
-        folders = [Path(hydra_cfg.sweep.dir), *list(output_dir.parents)[:3]]
-    except Exception as err:  # noqa: BLE001 - no Hydra context: a plain run
-        log.debug("no Hydra sweep context: %s", err)
-        return None
-    for folder in folders:
-        info = read_sweep_parent(folder)
-        if info is None:
-            continue
-        if info.get("tracking_uri") != uri or str(info.get("experiment_id")) != str(experiment_id):
-            log.warning("not attaching to the sweep's parent run %s: it is in %s (experiment %s), "
-                        "this job logs to %s (experiment %s)", info.get("run_id"),
-                        info.get("tracking_uri"), info.get("experiment_id"), uri, experiment_id)
-            return None
-        return info
-    return None
-
-
-def short_names(keys: list[str]) -> dict[str, str]:
-    """Column/run-name labels for override keys: the last dotted part where it is unambiguous."""
-    last = [k.lstrip("+~").rsplit(".", 1)[-1].rsplit("/", 1)[-1] for k in keys]
-    return {k: (s if last.count(s) == 1 else k.lstrip("+~")) for k, s in zip(keys, last)}
-
-
-def swept_values(overrides: list[str], swept: list[str]) -> dict[str, str]:
-    """{key: value} of a job's overrides for the swept keys (in the sweep's order)."""
-    values = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if sep and key.lstrip("+~") in {k.lstrip("+~") for k in swept}:
-            values[key.lstrip("+~")] = value
-    return {k.lstrip("+~"): values[k.lstrip("+~")] for k in swept if k.lstrip("+~") in values}
-
-
-def short_value(value: str) -> str:
-    """A swept value for labels: Optuna's 0.00012345678901234 as 0.0001235; anything else as is."""
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return f"{number:.4g}" if len(value) > 8 else value
-
-
-def _child_run_name(run_name: str, parent: Mapping[str, Any]) -> str:
-    """`<job num>: bits=4 lr=0.001` from the job's overrides of the swept keys."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = list(HydraConfig.get().overrides.task)
-    except Exception:  # noqa: BLE001
-        return run_name
-    swept = list(parent.get("swept", []))
-    labels = short_names(swept)
-    values = swept_values(overrides, swept)
-    described = " ".join(f"{labels.get(k, k)}={short_value(v)}" for k, v in values.items())
-    return f"{run_name}: {described}" if described else run_name
-
-
-def _job_dir() -> str:
-    from hydra.core.hydra_config import HydraConfig
-
-    return str(HydraConfig.get().runtime.output_dir)
-
-
 def _start_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str]) -> mlflow.ActiveRun:
     """mlflow.start_run, as a child of the sweep's parent run inside a multirun job."""
-    parent = sweep_parent(uri, experiment_id)
-    kwargs: dict[str, Any] = {}
-    if parent is not None:
-        kwargs["parent_run_id"] = parent["run_id"]
-        run_name = _child_run_name(run_name, parent)
-        tags = {**tags, "sweep_dir": str(parent.get("sweep_dir", "")), "job_dir": _job_dir()}
+    from .sweep import child_run  # the sweep's parent run, if this job is part of one
+
+    run_name, tags, parent_run_id = child_run(uri, experiment_id, run_name, tags)
+    kwargs: dict[str, Any] = {} if parent_run_id is None else {"parent_run_id": parent_run_id}
     return with_retries(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
                                                  tags=tags, **kwargs), "MLflow start_run")
 

@@ -38,7 +38,12 @@ def digits() -> Digits:
 
 
 class TinyLeNet(nn.Module):
-    """Conv->BN->ReLU, Conv->BN->ReLU6, MaxPool, flatten, Linear->ReLU, Linear (8x8 input)."""
+    """Conv->BN->ReLU, Conv->BN->ReLU6, MaxPool, flatten, Linear->ReLU, Linear (8x8 input).
+
+    Not qat_runner.models.LeNet: the engine tests check what this one has and LeNet lacks: a
+    biased conv beside an unbiased one, four layers named conv1/conv2/fc1/fc2 (fusion kinds and
+    shared quantizers by name) and a `width` knob.
+    """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8, image_size: int = 8):
         super().__init__()

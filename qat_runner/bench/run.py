@@ -5,13 +5,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ..config import default_outputs
+from ..engine.files import write_text_atomically
+from ..paths import default_outputs
 from . import accuracy, environment, inference, report, sizes, targets, training_cost
 from .settings import BenchSettings
 from .workspace import Workspace
@@ -20,15 +20,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUT = default_outputs() / "bench" / "bench.json"
 CACHE_DIR = default_outputs() / "bench" / "cache"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the results from other users
-    os.replace(tmp, path)
 
 
 def _load() -> float:
@@ -89,6 +80,6 @@ def _run(settings: BenchSettings, out: Path, command: str | None, cache_dir: Pat
     bad = non_finite(results)
     if bad:
         raise RuntimeError(f"the benchmark produced non-finite numbers at {', '.join(bad)}")
-    _write_atomically(out, json.dumps(results, indent=2) + "\n")
-    _write_atomically(out.with_suffix(".md"), report.markdown(results))
+    write_text_atomically(out, json.dumps(results, indent=2) + "\n")
+    write_text_atomically(out.with_suffix(".md"), report.markdown(results))
     return results

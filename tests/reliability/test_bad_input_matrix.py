@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability_support import (Job, assert_no_leftovers, assert_no_training, load_checkpoint_file,
+from helpers.reliability import (Job, assert_no_leftovers, assert_no_training, load_checkpoint_file,
                                  mlflow_runs, one_error_line, run_jobs)
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reliability_support import COMPARED_SUMMARY_KEYS, INT8_FILE, Job, run_jobs, sha256, summary
+from helpers.reliability import COMPARED_SUMMARY_KEYS, INT8_FILE, Job, run_jobs, sha256, summary
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from reliability_support import (INT8_FILE, assert_no_leftovers, load_checkpoint_file, mlflow_runs,
+from helpers.reliability import (INT8_FILE, assert_no_leftovers, load_checkpoint_file, mlflow_runs,
                                  one_error_line, run_status, summary, wait_for_log)
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from reliability_support import (COMPARED_SUMMARY_KEYS, INT8_FILE, assert_no_leftovers,
+from helpers.reliability import (COMPARED_SUMMARY_KEYS, INT8_FILE, assert_no_leftovers,
                                  load_checkpoint_file, mlflow_runs, run_status, sha256, summary,
                                  wait_for_log)
 

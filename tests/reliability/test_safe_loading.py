@@ -97,3 +97,26 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
     monkeypatch.undo()
     assert ckpt.load_checkpoint(str(path))["step"] == 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_writes_get_the_users_file_mode(tmp_path, umask):
+    """Files written atomically (checkpoints, summaries, the sweep record, the benchmark's JSON)
+    get 0666 less the umask, as `open(path, "w")` would give them, not mkstemp's 0600."""
+    from qat_runner import sweep
+    from qat_runner.engine.files import write_atomically, write_text_atomically
+
+    old = os.umask(umask)
+    try:
+        paths = [write_text_atomically(tmp_path / "summary.json", "{}"),
+                 write_atomically(tmp_path / "a.bin", lambda tmp: Path(tmp).write_bytes(b"x")),
+                 ckpt.save_checkpoint(tmp_path / "checkpoints" / "last.pt", _valid_state()),
+                 sweep.write_sweep_parent(tmp_path / "sweep", {"run_id": "r"}),
+                 sweep.write_csv([], tmp_path / "sweep" / sweep.CSV_FILE)]
+        expected = tmp_path / "plain.txt"
+        expected.write_text("")
+    finally:
+        os.umask(old)
+    assert expected.stat().st_mode & 0o777 == 0o666 & ~umask
+    for path in paths:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from reliability_support import Job, assert_no_leftovers, assert_no_training, one_error_line, run_jobs
-from runner_support import compose_config
+from helpers.reliability import Job, assert_no_leftovers, assert_no_training, one_error_line, run_jobs
+from helpers.runner import compose_config
 
 from qat_runner.config import ConfigError, validate
 from qat_runner.preflight import command_line_error

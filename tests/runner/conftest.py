@@ -1,11 +1,11 @@
-"""Fixtures for the Hydra runner tests; the helpers themselves live in runner_support.py."""
+"""Fixtures for the Hydra runner tests; the helpers themselves live in tests/helpers/runner.py."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from runner_support import QatCli, compose_config, make_imagefolder
+from helpers.runner import QatCli, compose_config, make_imagefolder
 
 
 @pytest.fixture

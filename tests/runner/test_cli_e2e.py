@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner_support import (RUN_FILES_FLOAT, RUN_FILES_INT8, SUMMARY, SUMMARY_KEYS, CliResult,
+from helpers.runner import (RUN_FILES_FLOAT, RUN_FILES_INT8, SUMMARY, SUMMARY_KEYS, CliResult,
                             run_dirs, run_many, running_mlflow_runs)
 
 pytestmark = pytest.mark.slow

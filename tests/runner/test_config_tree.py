@@ -15,7 +15,7 @@ from torch import nn
 from qat_runner import config as qat_config
 from qat_runner.config import ConfigError, validate
 from qat_runner.engine import FeatureScaleStatMethod, ScaleUpdateMethod
-from runner_support import (CONF_DIR, EXPERIMENT_FILES, FASHION_ROOT, fashion_available,
+from helpers.runner import (CONF_DIR, EXPERIMENT_FILES, FASHION_ROOT, fashion_available,
                             make_imagefolder, write_fashion_root)
 
 EXPERIMENT_NAMES = [p.stem for p in EXPERIMENT_FILES]

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from runner_support import RUN_FILES_INT8, CliResult, make_imagefolder, running_mlflow_runs
+from helpers.runner import RUN_FILES_INT8, CliResult, make_imagefolder, running_mlflow_runs
 
 
 def _assert_nothing_left_running(result: CliResult) -> None:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from runner_support import (FASHION_ROOT, FASHION_TRAIN_IMAGES, RUN_FILES_INT8, SUMMARY,
+from helpers.runner import (FASHION_ROOT, FASHION_TRAIN_IMAGES, RUN_FILES_INT8, SUMMARY,
                             SUMMARY_KEYS, fashion_available, run_dirs, running_mlflow_runs)
 
 pytestmark = pytest.mark.slow

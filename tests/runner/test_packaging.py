@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qat_runner import config as qat_config
-from runner_support import QatCli, SUMMARY, run_dirs, running_mlflow_runs
+from helpers.runner import QatCli, SUMMARY, run_dirs, running_mlflow_runs
 
 ROOT = qat_config.PROJECT_ROOT
 

@@ -11,7 +11,7 @@ from torch import nn
 from qat_runner import data as qdata
 from qat_runner import models, tracking
 from qat_runner.config import ConfigError
-from runner_support import write_fashion_root, write_idx
+from helpers.runner import write_fashion_root, write_idx
 
 # --------------------------------------------------------------------------------------------
 # read_idx

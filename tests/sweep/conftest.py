@@ -1,9 +1,9 @@
-"""Fixtures for the sweep tests (helpers in sweep_support.py)."""
+"""Fixtures for the sweep tests (helpers in tests/helpers/sweep.py)."""
 from __future__ import annotations
 
 import pytest
 
-from sweep_support import MlflowServer
+from helpers.sweep import MlflowServer
 
 
 @pytest.fixture(scope="module")

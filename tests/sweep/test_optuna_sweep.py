@@ -9,7 +9,7 @@ import math
 import pytest
 import yaml
 
-from sweep_support import Result, is_png, parent_and_children, read_csv, start_sweep
+from helpers.sweep import Result, is_png, parent_and_children, read_csv, start_sweep
 
 try:
     import hydra_plugins.hydra_optuna_sweeper  # noqa: F401

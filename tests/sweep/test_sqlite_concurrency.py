@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from qat_runner import tracking
-from sweep_support import clean_env
+from helpers.processes import clean_env
 
 PROCESSES, RUNS_EACH = 4, 5
 

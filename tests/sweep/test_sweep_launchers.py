@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from sweep_support import (SWEEP_2X2, Result, is_png, parent_and_children, read_csv, start_sweep)
+from helpers.sweep import (SWEEP_2X2, Result, is_png, parent_and_children, read_csv, start_sweep)
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from qat_runner import config as qat_config
-from qat_runner import sweep, tracking
-from sweep_support import clean_env, is_png, read_csv
+from qat_runner import sweep
+from helpers.processes import clean_env
+from helpers.sweep import is_png, read_csv
 
 CONF_DIR = qat_config.PROJECT_ROOT / "conf"
 
@@ -76,14 +77,14 @@ def test_sweep_spec_keeps_an_interval_as_written():
 
 
 def test_labels_and_swept_values():
-    assert tracking.short_names(["quant.bits", "optim.lr"]) == {"quant.bits": "bits", "optim.lr": "lr"}
-    assert tracking.short_names(["optim.lr", "trainer.float_lr", "a.lr"]) == {
+    assert sweep.short_names(["quant.bits", "optim.lr"]) == {"quant.bits": "bits", "optim.lr": "lr"}
+    assert sweep.short_names(["optim.lr", "trainer.float_lr", "a.lr"]) == {
         "optim.lr": "optim.lr", "trainer.float_lr": "float_lr", "a.lr": "a.lr"}
     overrides = ["+experiment=x", "quant.bits=4", "optim.lr=0.001", "trainer.max_steps=5"]
-    assert tracking.swept_values(overrides, ["quant.bits", "optim.lr"]) == {"quant.bits": "4", "optim.lr": "0.001"}
-    assert tracking.swept_values(overrides, ["experiment"]) == {"experiment": "x"}
-    assert tracking.short_value("0.0003860866271460546") == "0.0003861"
-    assert tracking.short_value("0.001") == "0.001" and tracking.short_value("PerChannel") == "PerChannel"
+    assert sweep.swept_values(overrides, ["quant.bits", "optim.lr"]) == {"quant.bits": "4", "optim.lr": "0.001"}
+    assert sweep.swept_values(overrides, ["experiment"]) == {"experiment": "x"}
+    assert sweep.short_value("0.0003860866271460546") == "0.0003861"
+    assert sweep.short_value("0.001") == "0.001" and sweep.short_value("PerChannel") == "PerChannel"
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,16 +178,16 @@ def test_summary_command(tmp_path):
 def test_parent_record_round_trip(tmp_path):
     record = {"run_id": "r" * 32, "tracking_uri": "sqlite:///x.db", "experiment_id": "1",
               "swept": ["quant.bits"], "sweep_dir": str(tmp_path)}
-    path = tracking.write_sweep_parent(tmp_path / "sweep", record)
-    assert path.name == tracking.SWEEP_PARENT_FILE
-    assert tracking.read_sweep_parent(tmp_path / "sweep") == record
-    assert tracking.read_sweep_parent(tmp_path / "elsewhere") is None
-    assert [p.name for p in (tmp_path / "sweep").iterdir()] == [tracking.SWEEP_PARENT_FILE]
+    path = sweep.write_sweep_parent(tmp_path / "sweep", record)
+    assert path.name == sweep.SWEEP_PARENT_FILE
+    assert sweep.read_sweep_parent(tmp_path / "sweep") == record
+    assert sweep.read_sweep_parent(tmp_path / "elsewhere") is None
+    assert [p.name for p in (tmp_path / "sweep").iterdir()] == [sweep.SWEEP_PARENT_FILE]
 
 
 def test_single_run_has_no_parent():
     """Outside a Hydra multirun job (a plain run, a library call) nothing is attached."""
-    assert tracking.sweep_parent("sqlite:///x.db", "1") is None
+    assert sweep.sweep_parent("sqlite:///x.db", "1") is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from sweep_support import Job
+from helpers.sweep import Job
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ def test_run_and_model_through_server(mlflow_server, tmp_path):
 
 def test_dead_server_fails_fast(tmp_path):
     """tracking=server with nothing listening: one line naming tracking.uri, within seconds."""
-    from sweep_support import free_port
+    from helpers.processes import free_port
 
     outputs = tmp_path / "outputs"
     job = Job(["tracking=server", f"tracking.uri=http://127.0.0.1:{free_port()}", f"paths.outputs={outputs}"],

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ui_support import MlflowUi, Page, clean_env, find_chromium, render
+from helpers.processes import clean_env
+from helpers.ui import MlflowUi, Page, find_chromium, render
 
 CHROMIUM = find_chromium()
 pytestmark = [pytest.mark.slow,

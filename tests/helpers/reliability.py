@@ -5,21 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-_RUNNER_TESTS = Path(__file__).resolve().parent.parent / "runner"
-if str(_RUNNER_TESTS) not in sys.path:
-    sys.path.insert(0, str(_RUNNER_TESTS))
+from .runner import CliJob, CliResult, QatCli
 
-from runner_support import CliJob, CliResult, QatCli  # noqa: E402
-
-INT8_FILE, FLOAT_FILE, SUMMARY_FILE, CHECKPOINT = "model.int8.onnx", "model.float.onnx", "summary.json", "last.pt"
+INT8_FILE, SUMMARY_FILE = "model.int8.onnx", "summary.json"
 COMPARED_SUMMARY_KEYS = ("float_acc", "ptq_acc", "qat_acc", "int8_acc", "int8_agreement", "int8_bytes")
 CONCURRENCY = 2  # the machine has 2 cores; every job runs with one intra-op thread
 
@@ -164,15 +159,3 @@ def wait_for_log(job: CliJob, log_file: Path, pattern: str, timeout: float = 240
     job.proc.kill()
     result = job.wait()
     pytest.fail(f"{pattern!r} not in {log_file} after {timeout} s\n{result.describe()}")
-
-
-def common_args(run_dir: Path, extra: Sequence[str] = ()) -> list[str]:
-    return [f"hydra.run.dir={run_dir}", *extra]
-
-
-@dataclass
-class Timer:
-    start: float = field(default_factory=time.monotonic)
-
-    def seconds(self) -> float:
-        return time.monotonic() - self.start

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from .processes import clean_env, free_port
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 # No network beyond the page's own host, no first-run or background work, a throw-away profile.
@@ -24,22 +25,6 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 def find_chromium() -> str | None:
     return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(base: Path) -> dict[str, str]:
-    """One intra-op thread, no MLflow/Hydra settings inherited from the caller."""
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", TORCH_HOME=str(base / "torch_home"), PYTHONUNBUFFERED="1")
-    for key in ("HYDRA_FULL_ERROR", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
-                "MLFLOW_RUN_ID"):
-        env.pop(key, None)
-    return env
 
 
 def _stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,21 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from .processes import clean_env, free_port
+
 SWEEP_2X2 = ["+experiment=lenet_digits", "quant.bits=2,4", "optim.lr=1e-3,1e-4",
              "trainer.float_steps=100", "trainer.max_steps=10"]
-
-
-def clean_env(base: Path) -> dict[str, str]:
-    """One intra-op thread per process (2-core machine), no weights, no MLflow/Hydra settings
-    inherited from the caller."""
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["TORCH_HOME"] = str(base / "torch_home")
-    env["PYTHONUNBUFFERED"] = "1"
-    for key in ("HYDRA_FULL_ERROR", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME",
-                "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
-        env.pop(key, None)
-    return env
 
 
 @dataclass
@@ -127,12 +115,6 @@ def is_png(path: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # A real `mlflow server`, on 127.0.0.1 only
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:
