@@ -70,14 +70,19 @@ class FakeConfig(DatasetConfig):
     seed: int = 0
 
 
+_Q = QuantConfig()  # the engine's defaults: the one place they live
+
+
 @dataclass
 class QuantSchema:
-    bits: int = 8
-    feature_bits: int = 8
-    feature_scale_stat_method: FeatureScaleStatMethod = FeatureScaleStatMethod.PerTensor
-    scale_update_method: ScaleUpdateMethod = ScaleUpdateMethod.MovingAverage
-    momentum: float = 0.99
-    symmetric_features: bool = False
+    """QuantConfig's fields, typed for OmegaConf, with the engine's defaults; plus the runner's own."""
+
+    bits: int = _Q.bits
+    feature_bits: int = _Q.feature_bits
+    feature_scale_stat_method: FeatureScaleStatMethod = _Q.feature_scale_stat_method
+    scale_update_method: ScaleUpdateMethod = _Q.scale_update_method
+    momentum: float = _Q.momentum
+    symmetric_features: bool = _Q.symmetric_features
     calibration_batches: int = 10  # PTQ baseline: batches observed before the PTQ evaluation
 
 

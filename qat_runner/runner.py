@@ -220,10 +220,7 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
         return stream_loader(data.train, t.batch_size, cfg.seed * 10 + offset, start_step, cfg.dataset.num_workers)
 
     def make_qat() -> torch.nn.Module:
-        return turn_quantize(model, bits=quant.bits, feature_bits=quant.feature_bits,
-                             feature_scale_stat_method=quant.feature_scale_stat_method,
-                             scale_update_method=quant.scale_update_method, momentum=quant.momentum,
-                             symmetric_features=quant.symmetric_features)
+        return turn_quantize(model, quant)
 
     # A resumed job is checked against its checkpoint before its MLflow run reopens; a fresh job
     # trains the float model and measures the PTQ baseline inside its new run.

@@ -1,12 +1,15 @@
 """The QAT engine: plain PyTorch, no Hydra, no MLflow. Usable as a library on its own.
 
-    qat = turn_quantize(model, bits=8)      # a QAT copy of the model
-    ...train qat...                         # fake-quant weights and features, BN on batch stats
-    qat.eval()                              # test phase: BN folded, integer arithmetic
+    qat = turn_quantize(model, QuantConfig(bits=4))   # a QAT copy (or turn_quantize(model, bits=4))
+    ...train qat...                                   # fake-quant weights and features, BN on batch stats
+    qat.eval()                                        # test phase: BN folded, integer arithmetic
+    export_int8_onnx(qat, example, "model.int8.onnx") # the int8 artifact (ONNX QDQ)
 """
 from .calibrate import calibrate
+from .export import export_float_onnx, export_int8_onnx
 from .config import FeatureScaleStatMethod, QuantConfig, ScaleUpdateMethod
 from .fake_quant import FeatureQuantizer, fake_quantize_weight, quantize_weight, weight_scale
+from .integer import to_integer_model
 from .modules import QuantConv2d, QuantLayer, QuantLinear
 from .report import LayerReport, format_report, quantization_report
 from .transform import turn_quantize
@@ -14,5 +17,6 @@ from .transform import turn_quantize
 __all__ = [
     "FeatureQuantizer", "FeatureScaleStatMethod", "LayerReport", "QuantConfig", "QuantConv2d",
     "QuantLayer", "QuantLinear", "ScaleUpdateMethod", "calibrate", "fake_quantize_weight",
-    "format_report", "quantization_report", "quantize_weight", "turn_quantize", "weight_scale",
+    "export_float_onnx", "export_int8_onnx", "format_report", "quantization_report", "quantize_weight",
+    "to_integer_model", "turn_quantize", "weight_scale",
 ]

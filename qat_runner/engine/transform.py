@@ -265,17 +265,11 @@ def _replace_integer_ops(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
-def turn_quantize(
-    model: nn.Module,
-    bits: int = 8,
-    feature_bits: int = 8,
-    feature_scale_stat_method: FeatureScaleStatMethod | str = "PerTensor",
-    scale_update_method: ScaleUpdateMethod | str = "MovingAverage",
-    momentum: float = 0.99,
-    symmetric_features: bool = False,
-) -> fx.GraphModule:
-    """Return a QAT copy of `model`; the model passed in is left untouched.
+def turn_quantize(model: nn.Module, config: QuantConfig | None = None, **settings: object) -> fx.GraphModule:
+    """Return a QAT copy of `model` quantized by `config`; the model passed in is left untouched.
 
+    `config` is the one place the settings and their defaults live (`QuantConfig`); keyword
+    arguments are a convenience for a config built from them: `turn_quantize(model, bits=4)`.
     Every Conv2d (any groups) and Linear is quantized: weights symmetric per output channel
     with `bits`, features with `feature_bits` and a running range per tensor or per channel.
     Conv2d followed by BatchNorm2d (and ReLU/ReLU6) is fused. Adds and average pools whose
@@ -284,8 +278,12 @@ def turn_quantize(
     QAT, `.eval()` the integer test phase.
     Raises ValueError on a bad setting, TypeError if the model cannot be traced by torch.fx.
     """
-    config = QuantConfig(bits, feature_bits, feature_scale_stat_method, scale_update_method,
-                         momentum, symmetric_features)
+    if config is not None and settings:
+        raise ValueError(f"give either config or keyword settings, not both (got {', '.join(settings)})")
+    if config is None:
+        config = QuantConfig(**settings)  # a misspelt setting is a TypeError naming it
+    elif not isinstance(config, QuantConfig):
+        raise TypeError(f"config={config!r} is not accepted: use a QuantConfig")
     training = model.training
     try:
         gm = fx.symbolic_trace(copy.deepcopy(model))

@@ -140,3 +140,32 @@ def test_calibrate_refuses_non_positive_num_batches(num_batches):
     assert "num_batches" in str(info.value) and repr(num_batches) in str(info.value)
     # Nothing was observed.
     assert all(int(q.num_updates) == 0 for q in gm.modules() if isinstance(q, FeatureQuantizer))
+
+
+# --------------------------------------------------------------------------------------------
+# One front door: turn_quantize(model, QuantConfig), keyword settings as a convenience
+
+
+def test_config_and_keywords_build_the_same_model(make_lenet):
+    import qat_runner.engine as engine
+
+    model = make_lenet()
+    by_config = engine.turn_quantize(model, engine.QuantConfig(bits=4, scale_update_method="Maximum"))
+    by_keywords = engine.turn_quantize(model, bits=4, scale_update_method="Maximum")
+    assert by_config.quant_config == by_keywords.quant_config
+    assert str(by_config.graph) == str(by_keywords.graph)
+    with pytest.raises(ValueError, match="not both"):
+        engine.turn_quantize(model, engine.QuantConfig(), bits=4)
+    with pytest.raises(TypeError, match="bitz"):
+        engine.turn_quantize(model, bitz=4)
+    assert {"export_int8_onnx", "export_float_onnx", "to_integer_model"} <= set(engine.__all__)
+
+
+def test_runner_schema_takes_the_engine_defaults():
+    from qat_runner.config import QuantSchema
+    from qat_runner.engine import QuantConfig
+
+    schema, engine_defaults = QuantSchema(), QuantConfig()
+    for name in ("bits", "feature_bits", "feature_scale_stat_method", "scale_update_method", "momentum",
+                 "symmetric_features"):
+        assert getattr(schema, name) == getattr(engine_defaults, name), name
