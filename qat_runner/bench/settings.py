@@ -88,7 +88,7 @@ TINY = replace(
     calibration_images=8,
     float_recipe=replace(FloatRecipe(), steps=1, batch_size=8, train_images=256),
     qat_recipe=replace(QatRecipe(), steps=1, batch_size=8, calibration_batches=1),
-    our_bits=(8,), test_images=64, eval_batch_size=64, size_bits=(8, 4))
+    our_bits=(8,), test_images=64, eval_batch_size=64, size_bits=(8,))  # INT4 packing: tests/artifact
 
 PRESETS = {"full": FULL, "quick": QUICK, "tiny": TINY}
 
