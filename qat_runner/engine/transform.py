@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.nn import functional as F
 
-from .config import FeatureScaleStatMethod, QuantConfig, ScaleUpdateMethod
+from .config import QuantConfig
 from .fake_quant import FeatureQuantizer
 from .integer_ops import QuantAdd, QuantAvgPool2d, QuantGlobalAvgPool
 from .modules import QuantConv2d, QuantLayer, QuantLinear

@@ -16,6 +16,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
+from helpers.models import torchvision_with_bn_statistics
 from qat_runner.artifact import (
     INTEGER_KERNELS,
     check_artifact,
@@ -285,18 +286,7 @@ class MobileNetFiles:
 
 @pytest.fixture(scope="module")
 def mobilenet(tmp_path_factory) -> MobileNetFiles:
-    from torchvision.models import mobilenet_v2
-
-    torch.manual_seed(0)
-    model = mobilenet_v2(weights=None, num_classes=10)
-    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
-        for mod in model.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.normal_(0.0, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.normal_(0.0, 0.1)
-    model.eval()
+    model = torchvision_with_bn_statistics("mobilenet_v2")
     batch = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     folder = tmp_path_factory.mktemp("mobilenet")
     models, paths = {}, {}

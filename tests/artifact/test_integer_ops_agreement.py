@@ -15,6 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers.models import torchvision_with_bn_statistics
+
 from qat_runner.artifact import ArtifactCheck, check_artifact, runtime_op_counts, session
 from qat_runner.engine import QuantLayer, calibrate, turn_quantize
 from qat_runner.engine.export import export_int8_onnx
@@ -49,18 +51,7 @@ class PoolNet(nn.Module):
 
 
 def torchvision_model(name: str) -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None, num_classes=10)
-    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
-        for mod in model.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.normal_(0.0, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.normal_(0.0, 0.1)
-    return model.eval()
+    return torchvision_with_bn_statistics(name)
 
 
 def pool_net() -> nn.Module:

@@ -8,15 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from .processes import clean_env, free_port
+from .processes import clean_env, free_port, wait_for_health
 
 SWEEP_2X2 = ["+experiment=lenet_digits", "quant.bits=2,4", "optim.lr=1e-3,1e-4",
              "trainer.float_steps=100", "trainer.max_steps=10"]
@@ -137,19 +135,12 @@ class MlflowServer:
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.base, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not answer in {timeout} s:\n{self.log.read_text()[-3000:]}")
+        try:
+            wait_for_health(self.proc, self.url, self.log, timeout, "mlflow server")
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         if self.proc is None:

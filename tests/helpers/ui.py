@@ -8,13 +8,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .processes import clean_env, free_port
+from .processes import clean_env, free_port, wait_for_health
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 # No network beyond the page's own host, no first-run or background work, a throw-away profile.
@@ -64,18 +61,7 @@ class MlflowUi:
 
     def wait_ready(self, timeout: float = 150.0) -> None:
         """Until /health answers (imports take a while on a busy 2-core machine)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow ui exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"mlflow ui did not answer in {timeout} s:\n{self.log.read_text()[-3000:]}")
+        wait_for_health(self.proc, self.url, self.log, timeout, "mlflow ui")
 
     def stop(self) -> None:
         if self.proc is not None:
