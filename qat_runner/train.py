@@ -28,14 +28,10 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradients became NaN or inf; training stops at that step."""
 
 
-def _largest_weight(model: nn.Module) -> float:
-    values = [p.detach().abs().max() for p in model.parameters() if p.numel()]
-    return float(torch.stack(values).max()) if values else 0.0
-
-
-def _largest_gradient(model: nn.Module) -> float:
-    """max |grad| over all parameters (a norm would overflow float32 on large finite gradients)."""
-    values = [p.grad.detach().abs().max() for p in model.parameters() if p.grad is not None and p.grad.numel()]
+def _largest_abs(tensors: list[torch.Tensor | None]) -> float:
+    """max |x| over the tensors, NaN if any holds one (a norm would overflow float32 on large
+    finite values)."""
+    values = [t.detach().abs().max() for t in tensors if t is not None and t.numel()]
     return float(torch.stack(values).max()) if values else 0.0
 
 
@@ -47,7 +43,7 @@ def _likely_cause(model: nn.Module, inputs: torch.Tensor, first_step: bool, star
     bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
     if bad is not None:
         return f"the weights became NaN/inf ({bad}) after too large an update: lower optim.lr (now {lr:g})"
-    largest = _largest_weight(model)
+    largest = _largest_abs(list(model.parameters()))
     if largest > 1e3 * max(start_weight, 1e-6):
         return (f"the weights grew from max |w| {start_weight:.3g} to {largest:.3g}: lower optim.lr "
                 f"(now {lr:g})")
@@ -103,7 +99,12 @@ def train(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer
     """
     model.train()
     start, loss_value, done = time.perf_counter(), math.nan, start_step
-    start_weight = _largest_weight(model)
+    start_weight = _largest_abs(list(model.parameters()))
+
+    def stop(what: str, step: int, inputs: torch.Tensor) -> NonFiniteLossError:
+        cause = _likely_cause(model, inputs, step == start_step + 1, start_weight, optimizer.param_groups[0]["lr"])
+        return NonFiniteLossError(f"{desc}: {what} at step {step}: {cause}")
+
     batches = iter(loader)
     # disable=None: a bar on a terminal only; logs and CI get the periodic log lines instead
     with tqdm(total=steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
@@ -116,20 +117,15 @@ def train(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer
                 loss = F.cross_entropy(logits, targets)
                 loss_value = loss.item()
 
-                def stop(what: str) -> NonFiniteLossError:
-                    cause = _likely_cause(model, inputs, step == start_step + 1, start_weight,
-                                          optimizer.param_groups[0]["lr"])
-                    return NonFiniteLossError(f"{desc}: {what} at step {step}: {cause}")
-
                 if not math.isfinite(loss_value):
-                    raise stop(f"loss is {loss_value}")
+                    raise stop(f"loss is {loss_value}", step, inputs)
                 if checkpointer is not None:
                     checkpointer.loss_is_finite()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                largest_grad = _largest_gradient(model)
+                largest_grad = _largest_abs([p.grad for p in model.parameters()])
                 if not math.isfinite(largest_grad):  # checked before the step: the weights stay good
-                    raise stop(f"a gradient is {largest_grad} (loss {loss_value:.4g})")
+                    raise stop(f"a gradient is {largest_grad} (loss {loss_value:.4g})", step, inputs)
                 optimizer.step()
                 done = step
                 bar.update()
