@@ -31,6 +31,7 @@ class ModelConfig:
     in_channels: int = 3
     image_size: int = MISSING  # the dataset's; some models size their head with it
     weights: Optional[str] = None  # torchvision weights name, a local checkpoint path, or null
+    path: Optional[str] = None  # model=onnx: the float ONNX file
 
 
 @dataclass

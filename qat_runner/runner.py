@@ -76,6 +76,14 @@ def build_model(node: DictConfig) -> torch.nn.Module:
     return model
 
 
+def check_traceable(model: torch.nn.Module, quant) -> None:
+    """Refuse, before any training, a model torch.fx cannot trace: the error names the layer and line."""
+    try:
+        turn_quantize(model, quant)
+    except TypeError as err:
+        raise ConfigError(str(err)) from None
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (NaN/inf loss); reported as one line, the run marked FAILED."""
 
@@ -211,6 +219,7 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
     seed_everything(cfg.seed)
     data = build_data(cfg)
     model = build_model(cfg.model).to(device)
+    check_traceable(model, quant)
     check_batch_size(cfg, data)
     test_batches = test_loader(cfg, data)
     example = next(iter(test_batches))[0][:2]

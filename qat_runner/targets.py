@@ -17,6 +17,7 @@ from collections.abc import Iterable
 PROJECT_TARGETS = frozenset({
     "qat_runner.models.lenet",
     "qat_runner.models.torchvision_classifier",
+    "qat_runner.onnx_import.onnx_classifier",
     "qat_runner.data.digits",
     "qat_runner.data.fashion_mnist",
     "qat_runner.data.imagefolder",

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import operator
+import traceback
+from pathlib import Path
 
 import torch
 from torch import fx, nn
@@ -265,6 +267,32 @@ def _replace_integer_ops(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
+def _failing_layer(model: nn.Module, err: Exception) -> tuple[str, nn.Module, traceback.FrameSummary] | None:
+    """The innermost layer of `model` whose forward was running when tracing failed, and the line."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = None
+    tb = err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if id(owner) in names:
+            line = traceback.extract_tb(tb, limit=1)[0]
+            found = (names[id(owner)] or "(the model itself)", owner, line)
+        tb = tb.tb_next
+    return found
+
+
+def trace_error_message(model: nn.Module, err: Exception) -> str:
+    """One line: which layer (by `named_modules()` name) and source line torch.fx could not trace."""
+    cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    where = _failing_layer(model, err)
+    if where is None:
+        return f"turn_quantize cannot trace {type(model).__name__} with torch.fx: {cause}"
+    name, layer, line = where
+    return (f"turn_quantize cannot trace {type(model).__name__} with torch.fx: layer {name!r} "
+            f"({type(layer).__name__}.{line.name}, {Path(line.filename).name}:{line.lineno}: "
+            f"`{(line.line or '').strip()}`): {cause}")
+
+
 def turn_quantize(model: nn.Module, config: QuantConfig | None = None, **settings: object) -> fx.GraphModule:
     """Return a QAT copy of `model` quantized by `config`; the model passed in is left untouched.
 
@@ -285,10 +313,11 @@ def turn_quantize(model: nn.Module, config: QuantConfig | None = None, **setting
     elif not isinstance(config, QuantConfig):
         raise TypeError(f"config={config!r} is not accepted: use a QuantConfig")
     training = model.training
+    copied = copy.deepcopy(model)
     try:
-        gm = fx.symbolic_trace(copy.deepcopy(model))
-    except Exception as err:  # fx raises many types; the user needs the model name and the cause
-        raise TypeError(f"turn_quantize cannot trace {type(model).__name__} with torch.fx: {err}") from err
+        gm = fx.symbolic_trace(copied)
+    except Exception as err:  # fx raises many types; the user needs the layer, the line and the cause
+        raise TypeError(trace_error_message(copied, err)) from err
     layer_nodes = _fuse_layers(gm, config)
     _insert_input_quantizers(gm, layer_nodes, config)
     _replace_integer_ops(gm)

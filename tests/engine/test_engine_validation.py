@@ -169,3 +169,22 @@ def test_runner_schema_takes_the_engine_defaults():
     for name in ("bits", "feature_bits", "feature_scale_stat_method", "scale_update_method", "momentum",
                  "symmetric_features"):
         assert getattr(schema, name) == getattr(engine_defaults, name), name
+
+
+class _Gate(nn.Module):
+    """Data-dependent control flow, which torch.fx cannot trace."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x
+        return -x
+
+
+def test_trace_error_names_the_layer_and_the_line():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sequential(nn.ReLU(), _Gate()))
+    with pytest.raises(TypeError) as info:
+        turn_quantize(model)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "layer '1.1'" in message and "_Gate.forward" in message, message
+    assert "`if x.sum() > 0:`" in message and "control flow" in message, message
