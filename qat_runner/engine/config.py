@@ -5,8 +5,10 @@ that names the bad value and what is accepted.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from fnmatch import fnmatchcase
 
 
 class FeatureScaleStatMethod(str, Enum):
@@ -46,6 +48,31 @@ def _parse_enum(name: str, value: object, enum: type[Enum]) -> Enum:
     raise ValueError(f"{name}={value!r} is not accepted: use one of {', '.join(accepted)}")
 
 
+FLOAT = "float"  # quant.layers value: the layer stays unquantized
+
+
+def _check_layers(layers: object) -> tuple[tuple[str, int | None], ...]:
+    """quant.layers as (pattern, bits or None for float) pairs, in the mapping's order."""
+    if isinstance(layers, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in layers):
+        layers = dict(layers)
+    if not isinstance(layers, Mapping):
+        raise ValueError(f"layers={layers!r} is not accepted: use a mapping of module-name patterns to "
+                         f"bits ({MIN_BITS}..{MAX_BITS}) or {FLOAT}")
+    checked = []
+    for pattern, bits in layers.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"layers key {pattern!r} is not accepted: use a module-name pattern such as "
+                             "'features.0.*'")
+        if bits is None or (isinstance(bits, str) and bits.lower() == FLOAT):
+            checked.append((pattern, None))
+            continue
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(f"layers.{pattern}={bits!r} is not accepted: use an integer from {MIN_BITS} "
+                             f"to {MAX_BITS} or {FLOAT}")
+        checked.append((pattern, bits))
+    return tuple(checked)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Everything `turn_quantize` needs to know; validated on construction.
@@ -58,6 +85,9 @@ class QuantConfig:
     momentum: moving-average weight of the old value, s = m*s + (1-m)*s_new.
     symmetric_features: symmetric int8 features (zero point 0) instead of asymmetric uint8
         with a zero point (MNN v2's default, and the one onnxruntime fuses best after ReLU).
+    layers: per-layer weight bits, {fnmatch pattern over the float model's module names: bits
+        or "float"}; the first pattern that matches a layer wins, unmatched layers get `bits`.
+        Kept as a tuple of (pattern, bits or None) pairs, so the config stays hashable.
     """
 
     bits: int = 8
@@ -66,6 +96,7 @@ class QuantConfig:
     scale_update_method: ScaleUpdateMethod | str = ScaleUpdateMethod.MovingAverage
     momentum: float = 0.99
     symmetric_features: bool = False
+    layers: Mapping[str, int | str | None] | tuple[tuple[str, int | None], ...] = ()
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -80,7 +111,15 @@ class QuantConfig:
             raise ValueError(
                 f"momentum={m!r} is not accepted: use a number strictly between 0 and 1"
             )
+        set_(self, "layers", _check_layers(self.layers))
         if not isinstance(self.symmetric_features, bool):
             raise ValueError(
                 f"symmetric_features={self.symmetric_features!r} is not accepted: use true or false"
             )
+
+    def bits_for(self, layer_name: str) -> int | None:
+        """Weight bits of the layer named `layer_name` (None: it stays float)."""
+        for pattern, bits in self.layers:
+            if fnmatchcase(layer_name, pattern):
+                return bits
+        return self.bits

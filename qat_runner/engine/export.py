@@ -4,6 +4,7 @@ The int8 file is the frozen integer model (`to_integer_model`) exported by torch
 exporter. Weights are INT8 initializers with per-channel scales, biases INT32 on the
 input*weight scale, activations Q/DQ pairs with the running scales and zero points from
 training. For bits <= 4 the weight initializers are repacked as INT4 (two per byte, opset 21).
+Then the file is compacted (`_compact`): zero points that are 0 by default dropped, short names.
 """
 from __future__ import annotations
 
@@ -150,6 +151,100 @@ def _derive_bias_scales(proto: onnx.ModelProto) -> None:
     proto.graph.node.extend(nodes)
 
 
+def _drop_constant_zero_points(proto: onnx.ModelProto) -> int:
+    """Drop the all-zero zero point of each DequantizeLinear of a constant (weights, biases).
+
+    The zero point is an optional input of DequantizeLinear, 0 when absent, of the type of `x`
+    (so leaving it out changes no type). The exporter stores per-channel vectors of zeros for
+    the INT8 weights and INT32 biases (one per width: about 22 kB in MobileNetV2). onnxruntime fuses a Conv
+    without them, but its QGemm fusion needs the weight's zero point, so a Gemm/MatMul weight
+    keeps it. Activation zero points (scalars, and they type the QuantizeLinear output) stay.
+    Returns the number of inputs dropped.
+    """
+    inits = {i.name: i for i in proto.graph.initializer}
+    matmul_weights = {n.input[1] for n in proto.graph.node if n.op_type in ("Gemm", "MatMul")}
+    dropped = 0
+    for node in proto.graph.node:
+        if (node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.input[0] not in inits
+                or node.output[0] in matmul_weights):
+            continue
+        zero_point = inits.get(node.input[2])
+        if zero_point is not None and not onnx.numpy_helper.to_array(zero_point).any():
+            del node.input[2]
+            dropped += 1
+    return dropped
+
+
+def _drop_unused_initializers(proto: onnx.ModelProto) -> None:
+    """Remove initializers no node reads: zero points dropped above, and the exporter leaves one."""
+    used = {name for n in proto.graph.node for name in n.input}
+    kept = [i for i in proto.graph.initializer if i.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+
+
+def _short_names():
+    """a..Z, then a0..Z9 and so on: names that start with a letter, as short as they can be."""
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    digits = "0123456789" + letters
+    k = 0
+    while True:
+        name, rest = letters[k % len(letters)], k // len(letters)
+        while rest:
+            rest, d = divmod(rest - 1, len(digits))
+            name += digits[d]
+        yield name
+        k += 1
+
+
+def _shorten_names(proto: onnx.ModelProto) -> None:
+    """Rename intermediate tensors and constants to one- or two-character names; unname nodes.
+
+    The exporter's names ("val_123", "node_dequantize_per_tensor_12") are written once per
+    definition and once per use: about 27 kB of a MobileNetV2 artifact (1.1%); node names are
+    optional in ONNX. Kept: the graph's input and output names (the artifact's interface) and
+    the weight initializers' names (3 kB), which say which layer of the model each weight is.
+    """
+    graph = proto.graph
+    kept = {v.name for v in [*graph.input, *graph.output]}
+    kept |= {n.input[0] for n in weight_dequantize_nodes(proto)}
+    fresh = (name for name in _short_names() if name not in kept)
+    renamed: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in kept:  # "" marks an omitted optional input
+            return name
+        if name not in renamed:
+            renamed[name] = next(fresh)
+        return renamed[name]
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for node in graph.node:
+        node.name = ""
+        for k, name in enumerate(node.input):
+            node.input[k] = short(name)
+        for k, name in enumerate(node.output):
+            node.output[k] = short(name)
+
+
+def _strip_graph_metadata(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's torch.export bookkeeping on the graph's input and output."""
+    for value in [*proto.graph.input, *proto.graph.output]:
+        del value.metadata_props[:]
+        value.doc_string = ""
+
+
+def _compact(proto: onnx.ModelProto) -> None:
+    """Shrink the artifact without changing what onnxruntime computes or which kernels it fuses
+    (MobileNetV2: 2.0% smaller, from 27.4% to 26.8% of the float ONNX). Identical constants need
+    no sharing step: the exporter already stores each distinct value once."""
+    _drop_constant_zero_points(proto)
+    _drop_unused_initializers(proto)
+    _shorten_names(proto)
+    _strip_graph_metadata(proto)
+
+
 def _save_atomically(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return write_atomically(path, lambda tmp: onnx.save(proto, tmp))
 
@@ -169,31 +264,35 @@ def _int4_bytes(array: np.ndarray) -> bytes:
     return ((flat[0::2] & 0x0F) | ((flat[1::2] & 0x0F) << 4)).astype(np.uint8).tobytes()
 
 
-def _pack_int4(proto: onnx.ModelProto) -> int:
-    """Repack INT8 weight initializers (values in [-7, 7]) and their zero points as INT4.
+def _fits_int4(array: np.ndarray) -> bool:
+    return not array.size or (array.min() >= -8 and array.max() <= 7)
 
-    Returns the number of weight tensors repacked.
+
+def _pack_int4(proto: onnx.ModelProto) -> int:
+    """Repack as INT4 each INT8 weight initializer whose values fit [-8, 7], with its zero point.
+
+    With per-layer bits (quant.layers) only the layers at 4 bits or fewer fit; their 8-bit
+    neighbours stay INT8. Returns the number of weight tensors repacked.
     """
     inits = {i.name: i for i in proto.graph.initializer}
-    nodes = weight_dequantize_nodes(proto)
+    nodes = [n for n in weight_dequantize_nodes(proto) if _fits_int4(onnx.numpy_helper.to_array(inits[n.input[0]]))]
     names = {n.input[0] for n in nodes} | {n.input[2] for n in nodes if len(n.input) > 2}
     users = [n for n in proto.graph.node if n not in nodes]
     if any(name in u.input for u in users for name in names):
         raise RuntimeError("an INT8 weight initializer is shared with another node; cannot pack as INT4")
     for name in names:
         array = onnx.numpy_helper.to_array(inits[name])
-        if array.size and (array.min() < -8 or array.max() > 7):
-            raise RuntimeError(f"initializer {name} holds values outside INT4's range")
         inits[name].CopyFrom(onnx.helper.make_tensor(
             name, onnx.TensorProto.INT4, array.shape, _int4_bytes(array), raw=True))
     return len(nodes)
 
 
 def _weight_bits(model: nn.Module) -> int:
+    """The smallest weight bit width of the model's quantized layers."""
     bits = {m.bits for m in model.modules() if isinstance(m, QuantLayer)}
     if not bits:
         raise ValueError("the model has no quantized layer: pass the result of turn_quantize")
-    return max(bits)
+    return min(bits)
 
 
 def export_int8_onnx(qat_model: fx.GraphModule, example_input: torch.Tensor,
@@ -207,6 +306,7 @@ def export_int8_onnx(qat_model: fx.GraphModule, example_input: torch.Tensor,
     proto = _export_proto(to_integer_model(qat_model), example_input.detach().cpu())
     if bits <= 4:
         _pack_int4(proto)
+    _compact(proto)
     return _save_atomically(proto, path)
 
 

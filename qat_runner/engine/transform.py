@@ -11,6 +11,8 @@ onnxruntime's integer kernels do.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import fnmatch
 import operator
 import traceback
 from pathlib import Path
@@ -78,6 +80,24 @@ def _call_counts(graph: fx.Graph) -> dict[str, int]:
     return counts
 
 
+def quantizable_layers(gm: fx.GraphModule) -> list[str]:
+    """Names (the float model's) of the Conv2d and Linear layers turn_quantize can quantize."""
+    calls = _call_counts(gm.graph)
+    return [node.target for node in gm.graph.nodes
+            if type(_module(gm, node)) in (nn.Conv2d, nn.Linear) and calls[node.target] == 1
+            and len(node.args) == 1]
+
+
+def _check_layer_patterns(gm: fx.GraphModule, config: QuantConfig) -> None:
+    """A `layers` pattern that matches no quantizable layer is a typo: refuse it, naming it."""
+    names = quantizable_layers(gm)
+    for pattern, _bits in config.layers:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise ValueError(f"layers pattern {pattern!r} matches no quantizable layer: the model's "
+                             f"Conv2d/Linear layers are {shown}")
+
+
 def _fuse_layers(gm: fx.GraphModule, config: QuantConfig) -> list[fx.Node]:
     """Replace Conv2d(+BN)(+ReLU/ReLU6) and Linear(+ReLU) nodes with QAT layer nodes."""
     calls = _call_counts(gm.graph)
@@ -88,6 +108,10 @@ def _fuse_layers(gm: fx.GraphModule, config: QuantConfig) -> list[fx.Node]:
         layer = _module(gm, node)
         if type(layer) not in (nn.Conv2d, nn.Linear) or calls[node.target] != 1 or len(node.args) != 1:
             continue  # a weight-shared layer or an unusual call stays float
+        bits = config.bits_for(node.target)
+        if bits is None:
+            continue  # quant.layers: "float"
+        layer_config = config if bits == config.bits else dataclasses.replace(config, bits=bits)
         chain, bn = [node], None
         nxt = _single_user(node)
         if isinstance(layer, nn.Conv2d) and nxt is not None:
@@ -102,7 +126,7 @@ def _fuse_layers(gm: fx.GraphModule, config: QuantConfig) -> list[fx.Node]:
             chain.append(nxt)
             activation = kind
         qat_cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        gm.add_submodule(node.target, qat_cls(layer, config, bn=bn, activation=activation))
+        gm.add_submodule(node.target, qat_cls(layer, layer_config, bn=bn, activation=activation))
         with gm.graph.inserting_after(chain[-1]):
             fused = gm.graph.call_module(node.target, args=node.args)
         chain[-1].replace_all_uses_with(fused)
@@ -318,6 +342,7 @@ def turn_quantize(model: nn.Module, config: QuantConfig | None = None, **setting
         gm = fx.symbolic_trace(copied)
     except Exception as err:  # fx raises many types; the user needs the layer, the line and the cause
         raise TypeError(trace_error_message(copied, err)) from err
+    _check_layer_patterns(gm, config)
     layer_nodes = _fuse_layers(gm, config)
     _insert_input_quantizers(gm, layer_nodes, config)
     _replace_integer_ops(gm)

@@ -1,0 +1,27 @@
+"""Per-layer bits in the artifact: 4-bit layers packed as INT4 next to 8-bit ones, a float layer
+left as a float op, and onnxruntime computing what the test phase computes."""
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto
+
+from qat_runner.artifact import check_artifact
+from qat_runner.engine import calibrate, turn_quantize
+from qat_runner.engine.export import export_int8_onnx, weight_dequantize_nodes
+
+
+def test_mixed_bits_artifact(float_lenet, digits_split, tmp_path):
+    qat = turn_quantize(float_lenet, bits=4, layers={"conv1": 8, "fc2": "float"})
+    calibrate(qat, digits_split.train_loader(), 8)
+    path = export_int8_onnx(qat.eval(), digits_split.x_test[:1], tmp_path / "mixed.onnx")
+    proto = onnx.load(str(path))
+    inits = {i.name: i for i in proto.graph.initializer}
+    weight_types = {node.input[0].split(".")[0]: inits[node.input[0]].data_type
+                    for node in weight_dequantize_nodes(proto)}
+    assert weight_types == {"conv1": TensorProto.INT8, "conv2": TensorProto.INT4, "fc1": TensorProto.INT4}
+    float_weights = [inits[n.input[1]] for n in proto.graph.node
+                     if n.op_type in ("Gemm", "MatMul") and n.input[1] in inits]
+    assert [(tuple(w.dims), w.data_type) for w in float_weights] == [((10, 32), TensorProto.FLOAT)]  # fc2
+    check = check_artifact(path, qat, digits_split.test_loader())
+    assert check.agreement == 1.0, check
+    assert check.int8_acc > 0.8, check
