@@ -33,6 +33,7 @@ and the plot; the log says how to open it.
 from __future__ import annotations
 
 import atexit
+import collections
 import csv
 import json
 import logging
@@ -304,6 +305,7 @@ def collect_rows(sweep_dir: Path, swept: Sequence[str],
         lr = _job_lr(job_dir)
         row["lr"] = "" if lr is None else lr
         row.update({key: summary.get(key, "") for key in FIGURES})
+        row["layer_bits"] = layer_bits_counts(summary.get("layer_bits"))
         row["mlflow_run_id"] = summary.get("mlflow_run_id", "")
         row["overrides"] = " ".join(overrides)
         row["job_dir"] = str(job_dir)
@@ -312,6 +314,15 @@ def collect_rows(sweep_dir: Path, swept: Sequence[str],
     for row in rows:
         row["best"] = "yes" if row is best else ""
     return rows
+
+
+def layer_bits_counts(layer_bits: Mapping[str, int | None] | None) -> str:
+    """A per-layer-bits run in one cell: "8:3 4:50 float:1" (layers per width); "" for uniform bits."""
+    if not layer_bits:
+        return ""
+    counts = collections.Counter("float" if b is None else str(b) for b in layer_bits.values())
+    order = sorted(counts, key=lambda k: (k == "float", -int(k) if k != "float" else 0))
+    return " ".join(f"{k}:{counts[k]}" for k in order)
 
 
 def best_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -324,7 +335,7 @@ def best_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[str] = ()) -> Path:
-    columns = ["job", *swept, "status", "best", "bits", "feature_bits", "lr", *FIGURES, "mlflow_run_id",
+    columns = ["job", *swept, "status", "best", "bits", "layer_bits", "feature_bits", "lr", *FIGURES, "mlflow_run_id",
                "overrides", "job_dir"]
     for row in rows:  # keep whatever else a row has, after the known columns
         columns += [k for k in row if k not in columns]
@@ -350,12 +361,18 @@ def _number(value: Any) -> float | None:
 def plot_summary(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[str] = (),
                  title: str = "") -> Path | None:
     """int8 accuracy and int8 artifact size against bits, one line per lr (or per combination of
-    the swept keys other than quant.bits). None when there is nothing to plot or no matplotlib."""
+    the swept keys other than quant.bits). None when there is nothing to plot or no matplotlib.
+
+    Sweeps with per-layer bits (quant.layers, quant.size_budget) plot accuracy against size instead:
+    there, bits no longer say how big the artifact is.
+    """
     try:
         from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
     except ImportError:
         log.warning("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
         return None
+    if any(row.get("layer_bits") for row in rows) or set(swept) & set(SIZE_KEYS):
+        return plot_by_size(rows, path, swept, title)
     others = [k for k in swept if k != BITS_KEY]
     labels = short_names(list(others))
     groups: dict[str, list[tuple[float, float, float]]] = {}
@@ -398,6 +415,46 @@ def plot_summary(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[
         ax.set_xticks(all_bits)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return _save_png(fig, path)
+
+
+SIZE_KEYS = ("quant.layers", "quant.size_budget")
+
+
+def plot_by_size(rows: Sequence[Mapping[str, Any]], path: Path, swept: Sequence[str] = (),
+                 title: str = "") -> Path | None:
+    """int8 accuracy against artifact size (% of the float ONNX), a labelled point per job."""
+    from matplotlib.figure import Figure
+
+    labels = short_names(list(swept))
+    points = []
+    for row in rows:
+        ratio, acc = _number(row.get("size_ratio")), _number(row.get("int8_acc"))
+        if ratio is None or acc is None:
+            continue
+        text = " ".join(f"{labels[k]}={row.get(k, '')}" for k in swept if row.get(k, "") != "")
+        points.append((100 * ratio, acc, text or f"job {row.get('job')}", bool(row.get("layer_bits"))))
+    if not points:
+        log.warning("no finished job to plot in %s", path.parent)
+        return None
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for mixed, style in ((False, {"marker": "o", "label": "uniform bits"}),
+                         (True, {"marker": "D", "label": "per-layer bits"})):
+        chosen = sorted(p for p in points if p[3] == mixed)
+        if chosen:
+            ax.plot([p[0] for p in chosen], [p[1] for p in chosen], linestyle="none", **style)
+    for x, y, text, _ in points:
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    float_acc = {round(float(row["float_acc"]), 6) for row in rows if _number(row.get("float_acc")) is not None}
+    if len(float_acc) == 1:
+        ax.axhline(next(iter(float_acc)), color="grey", linestyle="--", label="float model")
+    ax.set(xlabel="int8 artifact size (% of the float ONNX)", ylabel="int8 artifact accuracy (onnxruntime)",
+           title="accuracy against size")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
     return _save_png(fig, path)

@@ -16,17 +16,20 @@ pytestmark = pytest.mark.slow
 
 COMMON = ["trainer.float_steps=150", "trainer.max_steps=20"]
 FOUR_BIT = ["quant.bits=4", "quant.feature_scale_stat_method=PerChannel",
-            "quant.scale_update_method=Maximum"]
+            "quant.scale_update_method=Maximum", "quant.layers={features.0:8,classifier.3:float}"]
+BUDGET = ["quant.size_budget=0.2"]
 LOGGED_METRICS = ("float_acc", "qat_acc", "int8_acc", "int8_agreement", "float_bytes", "int8_bytes")
 
 
 @pytest.fixture(scope="module")
 def jobs(qat_cli, tmp_path_factory) -> dict[str, CliResult]:
-    """The 8-bit default job and the 4-bit PerChannel/Maximum job, run side by side."""
+    """The 8-bit default job, the 4-bit PerChannel/Maximum job with per-layer bits and the size
+    budget job, two at a time."""
     out8 = tmp_path_factory.mktemp("e2e_int8")
     out4 = tmp_path_factory.mktemp("e2e_int4")
-    return run_many(qat_cli, {"int8": (COMMON, out8), "int4": (COMMON + FOUR_BIT, out4)},
-                    concurrency=2, timeout=300)
+    out_budget = tmp_path_factory.mktemp("e2e_budget")
+    return run_many(qat_cli, {"int8": (COMMON, out8), "int4": (COMMON + FOUR_BIT, out4),
+                              "budget": (COMMON + BUDGET, out_budget)}, concurrency=2, timeout=300)
 
 
 def _ok(result: CliResult) -> Path:
@@ -201,3 +204,32 @@ def test_four_bit_perchannel_maximum(jobs):
         assert key in run.data.params
     assert "PerChannel" in run.data.params["quant.feature_scale_stat_method"]
     assert "Maximum" in run.data.params["quant.scale_update_method"]
+
+
+def test_per_layer_bits_from_the_command_line(jobs):
+    run_dir = _ok(jobs["int4"])
+    summary = _summary(jobs["int4"])
+    assert summary["layer_bits"] == {"features.0": 8, "features.3": 4, "features.7": 4, "classifier.1": 4,
+                                     "classifier.3": None}
+    report = (run_dir / "quantized_layers.txt").read_text().splitlines()
+    assert any(line.startswith("classifier.3 ") and "float" in line for line in report), report
+    assert any(line.startswith("features.0 ") and " 8 " in line for line in report), report
+
+
+def test_size_budget_picks_layer_bits_that_fit(jobs):
+    result = jobs["budget"]
+    run_dir, summary = _ok(result), _summary(result)
+    _check_summary(summary, bits=8)
+    assert summary["int8_bytes"] <= 0.2 * summary["float_bytes"], summary
+    assert set(summary["layer_bits"].values()) == {4, 8}, summary["layer_bits"]  # some kept at 8, some at 4
+    rows = (run_dir / "sensitivity.csv").read_text().splitlines()
+    assert rows[0].startswith("rank,layer,params,accuracy,accuracy_drop") and len(rows) == 1 + 5, rows
+    drops = [float(r.split(",")[4]) for r in rows[1:]]
+    assert drops == sorted(drops, reverse=True), drops  # ranked, most sensitive first
+    assert (run_dir / "sensitivity.png").stat().st_size > 1000
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{result.outputs}/mlflow.db")
+    logged = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
+    assert {"sensitivity.csv", "sensitivity.png"} <= logged, logged

@@ -111,6 +111,21 @@ def test_csv_and_plot_from_job_dirs(tmp_path):
     assert rows[1]["status"] == "KILLED"
 
 
+def test_per_layer_runs_are_summarised_and_plotted_by_size(tmp_path, monkeypatch):
+    """Budget runs: the CSV says how many layers got which width; the plot puts size on the x axis."""
+    mixed = {**_summary(8, 0.95, "b" * 32), "size_ratio": 0.18,
+             "layer_bits": {"features.0": 8, "features.3": 4, "features.7": 4, "classifier.3": None}}
+    sweep_dir = _fake_sweep(tmp_path / "sweep", [(0, "8", "0.001", _summary(8, 0.97, "a" * 32)),
+                                                 (1, "8", "0.001", mixed)])
+    calls = []
+    monkeypatch.setattr(sweep, "plot_by_size", lambda *a, **k: calls.append(a) or a[1])
+    rows, csv_path, png_path = sweep.summarize(sweep_dir, ["quant.bits"], title="t")
+    assert [r["layer_bits"] for r in read_csv(csv_path)] == ["", "8:1 4:2 float:1"]
+    assert len(calls) == 1 and png_path == sweep_dir / "sweep_summary.png"
+    monkeypatch.undo()
+    assert is_png(sweep.plot_by_size(rows, tmp_path / "by_size.png", ["quant.bits"], "t"))
+
+
 def test_best_job_and_parent_description(tmp_path):
     """The best job is the first with the highest int8 accuracy (Optuna's best trial on a tie); the
     description links it, lists the jobs and shows the plot, within MLflow's tag length."""
