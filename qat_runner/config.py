@@ -6,13 +6,14 @@ checks (2..8 bits, momentum in (0, 1), step counts, device) before any data or m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .engine import FeatureScaleStatMethod, QuantConfig, ScaleUpdateMethod
+from .engine.config import MAX_BITS, MIN_BITS
 from .errors import ConfigError, first_sentence  # noqa: F401 - re-exported
 from .paths import PACKAGE_DIR, PROJECT_ROOT, config_dir, default_outputs, in_checkout  # noqa: F401
 from .targets import check_allowed_packages, target_problem
@@ -84,7 +85,13 @@ class QuantSchema:
     scale_update_method: ScaleUpdateMethod = _Q.scale_update_method
     momentum: float = _Q.momentum
     symmetric_features: bool = _Q.symmetric_features
+    # per-layer weight bits: {module-name pattern: bits or "float"}, e.g. {features.0.*: 8}
+    layers: Any = None  # per-layer weight bits: {module-name pattern: bits or float}, e.g. {features.0.*: 8}
     calibration_batches: int = 10  # PTQ baseline: batches observed before the PTQ evaluation
+    sensitivity: bool = False  # per-layer sensitivity table and plot (sensitivity.csv/.png)
+    sensitivity_bits: int = 4  # the low width each layer is tried at (and a budget moves layers to)
+    sensitivity_samples: int = 1000  # test images each layer's accuracy is measured on
+    size_budget: Optional[float] = None  # e.g. 0.20: per-layer bits so the artifact is <= 20% of float
 
 
 @dataclass
@@ -99,6 +106,7 @@ class TrainerConfig:
     max_steps: int = 100  # QAT iterations
     float_steps: int = 0  # float pre-training iterations (0: the model comes in converged)
     float_lr: float = 0.05
+    float_cache: bool = False  # reuse the float stage of an earlier run with the same recipe
     batch_size: int = 32
     eval_batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -112,6 +120,13 @@ class TrackingConfig:
     uri: str = MISSING
     experiment_name: str = MISSING
     artifact_root: Optional[str] = None  # where a new experiment keeps artifacts (file stores)
+
+
+@dataclass
+class ExportConfig:
+    """Artifacts besides model.int8.onnx (always written)."""
+
+    mnn: bool = False  # also model.int8.mnn: full int8 by MNN's converter, scored in MNN's runtime
 
 
 @dataclass
@@ -131,6 +146,7 @@ class RunConfig:
     optim: Any = MISSING  # keeps optimizer-specific keys (momentum, betas, ...) open
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = MISSING
+    export: ExportConfig = field(default_factory=ExportConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
@@ -151,7 +167,13 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
     return QuantConfig(bits=q.bits, feature_bits=q.feature_bits,
                        feature_scale_stat_method=q.feature_scale_stat_method,
                        scale_update_method=q.scale_update_method, momentum=q.momentum,
-                       symmetric_features=q.symmetric_features)
+                       symmetric_features=q.symmetric_features,
+                       layers=_plain(q.get("layers")) or {})
+
+
+def _plain(value: Any) -> Any:
+    """An OmegaConf node as plain Python (the engine takes no OmegaConf types)."""
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def resolve_device(name: str) -> torch.device:
@@ -201,6 +223,27 @@ def check_targets(key: str, node: Any, packages: list[str]) -> None:
             check_targets(f"{key}[{i}]", child, packages)
 
 
+def check_mixed_precision(q: DictConfig, quant: QuantConfig) -> None:
+    """quant.sensitivity_bits / sensitivity_samples / size_budget, checked before any work."""
+    if not MIN_BITS <= q.sensitivity_bits <= MAX_BITS:
+        raise ConfigError(f"quant.sensitivity_bits={q.sensitivity_bits!r} is not accepted: use an integer "
+                          f"from {MIN_BITS} to {MAX_BITS}")
+    if q.sensitivity_samples < 1:
+        raise ConfigError(f"quant.sensitivity_samples={q.sensitivity_samples!r} is not accepted: use an integer >= 1")
+    budget = q.size_budget
+    if budget is None:
+        return
+    if not 0.0 < budget < 1.0:
+        raise ConfigError(f"quant.size_budget={budget!r} is not accepted: use a fraction of the float ONNX "
+                          "between 0 and 1, e.g. 0.20")
+    if quant.layers:
+        raise ConfigError("quant.size_budget and quant.layers are not accepted together: the budget chooses "
+                          "the per-layer bits; drop one of them")
+    if q.sensitivity_bits > 4 or quant.bits <= 4:
+        raise ConfigError(f"quant.size_budget needs quant.bits > 4 and quant.sensitivity_bits <= 4 (got "
+                          f"{quant.bits} and {q.sensitivity_bits}): only INT4 packing makes the artifact smaller")
+
+
 def validate(cfg: DictConfig) -> QuantConfig:
     """Every check that needs no data or model; raises ConfigError naming the bad value."""
     try:
@@ -219,6 +262,7 @@ def validate(cfg: DictConfig) -> QuantConfig:
     for key in ("batch_size", "eval_batch_size", "log_every"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}={t[key]!r} is not accepted: use an integer >= 1")
+    check_mixed_precision(cfg.quant, quant)
     if cfg.quant.calibration_batches < 1:
         raise ConfigError(f"quant.calibration_batches={cfg.quant.calibration_batches!r} is not "
                           "accepted: use an integer >= 1")
@@ -230,4 +274,19 @@ def validate(cfg: DictConfig) -> QuantConfig:
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ConfigError(f"optim.lr={lr!r} is not accepted: use a number > 0")
     resolve_device(t.device)
+    check_export(cfg)
     return quant
+
+
+def check_export(cfg: DictConfig) -> None:
+    """`export.mnn=true` needs MNN installed (the `mnn` extra) and one scale per feature tensor,
+    as MNN's int8 tensors have: both known before any training."""
+    if not OmegaConf.select(cfg, "export.mnn", default=False):
+        return
+    from .mnn_export import mnn_missing, missing_mnn_message  # loads onnx: only when export.mnn=true
+
+    if mnn_missing():
+        raise ConfigError(missing_mnn_message())
+    if cfg.quant.feature_scale_stat_method == FeatureScaleStatMethod.PerChannel:
+        raise ConfigError("export.mnn=true is not accepted with quant.feature_scale_stat_method=PerChannel: "
+                          "MNN's int8 tensors take one scale; use PerTensor or export.mnn=false")

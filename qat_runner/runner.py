@@ -9,6 +9,7 @@ import inspect
 import json
 import logging
 import random
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,14 +22,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from . import tracking
+from . import float_cache, tracking
 from .artifact import check_artifact, integer_kernel_count
 from .config import ConfigError, first_sentence, resolve_device, validate
 from .data import DataSplits
-from .engine import calibrate, format_report, quantization_report, turn_quantize
+from .engine import QuantConfig, calibrate, format_report, quantization_report, turn_quantize
 from .engine.export import export_float_onnx, export_int8_onnx
 from .engine.files import write_text_atomically
+from .mixed_precision import plan_layers
 from .models import load_weights, weights_eval_transform
+from .mnn_export import MNN_FILE  # export.mnn=true; MNN itself is imported only to use it
 from .targets import PROJECT_TARGETS
 from .checkpoint import CHECKPOINT_FILE, Checkpointer, load_checkpoint, restore_rng_state, rng_state
 from .train import NonFiniteLossError, evaluate, stream_loader, train
@@ -82,10 +85,13 @@ def check_traceable(model: torch.nn.Module, quant) -> None:
         turn_quantize(model, quant)
     except TypeError as err:
         raise ConfigError(str(err)) from None
+    except ValueError as err:  # a quant.layers pattern that matches no layer
+        raise ConfigError(f"quant.{err}") from None
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (NaN/inf loss); reported as one line, the run marked FAILED."""
+    """Training cannot go on (NaN/inf loss), or an artifact fails its check; reported as one
+    line, the run marked FAILED."""
 
 
 def seed_everything(seed: int) -> None:
@@ -126,7 +132,18 @@ def result_rows(summary: dict) -> list[tuple[str, str]]:
             ("agreement artifact vs test phase", f"{summary['int8_agreement']:.4f}"),
             ("float ONNX size", f"{summary['float_bytes']:,} B"),
             ("int8 artifact size", f"{summary['int8_bytes']:,} B ({summary['size_ratio']:.1%} of float)"),
-            ("integer kernels run / quantized layers", f"{summary['int8_kernels']} / {summary['quantized_layers']}")]
+            ("integer kernels run / quantized layers", f"{summary['int8_kernels']} / {summary['quantized_layers']}"),
+            *mnn_rows(summary)]
+
+
+def mnn_rows(summary: dict) -> list[tuple[str, str]]:
+    """The MNN artifact's rows, where the run made one (export.mnn=true)."""
+    if "mnn_acc" not in summary:
+        return []
+    ratio = summary["mnn_bytes"] / summary["float_bytes"]
+    return [("MNN int8 accuracy (MNN runtime)", f"{summary['mnn_acc']:.4f}"),
+            ("agreement MNN vs test phase", f"{summary['mnn_agreement']:.4f}"),
+            ("MNN int8 size", f"{summary['mnn_bytes']:,} B ({ratio:.1%} of float)")]
 
 
 def result_table(summary: dict) -> str:
@@ -144,6 +161,21 @@ def result_markdown(summary: dict, cfg: DictConfig, output_dir: Path) -> str:
             f"{summary['feature_bits']}-bit features, lr {cfg.optim.lr:g}")
     table = tracking.markdown_table(("figure", "value"), result_rows(summary))
     return f"{head}\n\n{table}\n\nRun directory: `{output_dir}` (`{INT8_FILE}`, `{SUMMARY_FILE}`)\n"
+
+
+def mnn_artifact(qat: torch.nn.Module, example: torch.Tensor, test_batches: DataLoader,
+                 output_dir: Path) -> dict:
+    """Write model.int8.mnn (export.mnn=true) and score it in MNN's runtime: its summary keys."""
+    from .mnn_export import MnnExportError, check_mnn_artifact, export_int8_mnn  # MNN is optional
+
+    try:
+        path = export_int8_mnn(qat, example, output_dir / MNN_FILE)
+    except MnnExportError as err:
+        raise TrainingError(f"MNN export: {err}") from None
+    check = check_mnn_artifact(path, qat, test_batches)
+    log.info("MNN int8 accuracy %.4f, agreement with the test phase %.4f, %d B",
+             check.mnn_acc, check.agreement, path.stat().st_size)
+    return {"mnn_acc": check.mnn_acc, "mnn_agreement": check.agreement, "mnn_bytes": path.stat().st_size}
 
 
 # Each stage draws its batches from its own seeded stream (see train.ShuffledStream).
@@ -164,6 +196,7 @@ class Start:
     seconds_before: float = 0.0
     run_id: str | None = None
     rng: dict | None = None
+    layers: tuple = ()  # per-layer bits QAT runs with (quant.layers, or chosen for quant.size_budget)
 
     def restore_rng(self) -> None:
         if self.rng is not None:
@@ -171,12 +204,12 @@ class Start:
 
 
 def resumed_start(cfg: DictConfig, checkpoint: dict, model: torch.nn.Module,
-                  make_qat: Callable[[], torch.nn.Module]) -> Start:
+                  make_qat: Callable[[tuple | None], torch.nn.Module]) -> Start:
     """The state saved in `checkpoint`, loaded into this config's model and optimizer; everything
     that can fail is checked here, before the MLflow run reopens."""
     try:
         model.load_state_dict(checkpoint["float_model"])
-        qat = make_qat()
+        qat = make_qat(checkpoint.get("quant_layers"))
         qat.load_state_dict(checkpoint["qat_model"])
         optimizer = instantiate(cfg.optim)(qat.parameters())
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -187,28 +220,34 @@ def resumed_start(cfg: DictConfig, checkpoint: dict, model: torch.nn.Module,
     log.info("float accuracy %.4f", checkpoint["float_acc"])
     log.info("resumed from %s at QAT step %d", cfg.trainer.resume, checkpoint["step"])
     return Start(qat, optimizer, checkpoint["float_acc"], checkpoint["ptq_acc"], checkpoint["step"],
-                 checkpoint["train_seconds"], checkpoint["mlflow_run_id"], checkpoint["rng"])
+                 checkpoint["train_seconds"], checkpoint["mlflow_run_id"], checkpoint["rng"],
+                 qat.quant_config.layers)
 
 
-def fresh_start(cfg: DictConfig, model: torch.nn.Module, make_qat: Callable[[], torch.nn.Module],
-                stream: Callable[[int], DataLoader], test_batches: DataLoader, device: torch.device) -> Start:
+def fresh_start(cfg: DictConfig, model: torch.nn.Module, make_qat: Callable[[tuple | None], torch.nn.Module],
+                stream: Callable[[int], DataLoader], test_batches: DataLoader, device: torch.device,
+                quant: QuantConfig, output_dir: Path) -> Start:
     """A new run's params, the float model trained (`trainer.float_steps`), then the QAT model,
     its optimizer and the PTQ baseline (calibration only)."""
     t = cfg.trainer
     tracking.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
-    if t.float_steps > 0:
+    if t.float_steps > 0 and not (t.float_cache and float_cache.load(cfg, model)):
         optimizer = instantiate(cfg.optim, lr=t.float_lr)(model.parameters())
         train(model, stream(FLOAT_STREAM), optimizer, t.float_steps, device, "float training",
               lambda s, loss, acc: tracking.log_metrics({"float_train_loss": loss, "float_train_acc": acc}, step=s),
               t.log_every)
+        if t.float_cache:
+            float_cache.save(cfg, model)
     float_acc = evaluate(model, test_batches, device)
     log.info("float accuracy %.4f", float_acc)
-    qat = make_qat()
+    planned = plan_layers(cfg.quant, model, quant, stream(CALIBRATION_STREAM),
+                          test_batches, output_dir, tracking.log_artifact)
+    qat = make_qat(planned.layers)
     optimizer = instantiate(cfg.optim)(qat.parameters())
     calibrate(qat, stream(CALIBRATION_STREAM), cfg.quant.calibration_batches)
     ptq_acc = evaluate(qat, test_batches, device)
     log.info("PTQ accuracy %.4f (%d calibration batches)", ptq_acc, cfg.quant.calibration_batches)
-    return Start(qat, optimizer, float_acc, ptq_acc)
+    return Start(qat, optimizer, float_acc, ptq_acc, layers=planned.layers)
 
 
 def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
@@ -228,8 +267,9 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
     def stream(offset: int, start_step: int = 0) -> DataLoader:
         return stream_loader(data.train, t.batch_size, cfg.seed * 10 + offset, start_step, cfg.dataset.num_workers)
 
-    def make_qat() -> torch.nn.Module:
-        return turn_quantize(model, quant)
+    def make_qat(layers: tuple | None = None) -> torch.nn.Module:
+        """The QAT model, with `layers` (per-layer bits) in place of quant.layers where given."""
+        return turn_quantize(model, quant if layers is None else dataclasses.replace(quant, layers=layers))
 
     # A resumed job is checked against its checkpoint before its MLflow run reopens; a fresh job
     # trains the float model and measures the PTQ baseline inside its new run.
@@ -241,7 +281,7 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
                               resume_run_id=resumed.run_id if resumed else None) as active:
         run_id = active.info.run_id
         OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
-        start = resumed or fresh_start(cfg, model, make_qat, stream, test_batches, device)
+        start = resumed or fresh_start(cfg, model, make_qat, stream, test_batches, device, quant, output_dir)
         qat, optimizer, float_acc, ptq_acc = start.qat, start.optimizer, start.float_acc, start.ptq_acc
         layers = quantization_report(qat)
         (output_dir / "quantized_layers.txt").write_text(format_report(layers) + "\n")
@@ -253,7 +293,7 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
         def state(step: int) -> dict:
             return {"step": step, "float_model": model.state_dict(), "qat_model": qat.state_dict(),
                     "optimizer": optimizer.state_dict(), "rng": rng_state(), "float_acc": float_acc,
-                    "ptq_acc": ptq_acc, "mlflow_run_id": run_id,
+                    "ptq_acc": ptq_acc, "mlflow_run_id": run_id, "quant_layers": start.layers,
                     "train_seconds": start.seconds_before + time.perf_counter() - started}
 
         checkpointer = Checkpointer(checkpoint_path, state, t.checkpoint_every)
@@ -282,11 +322,16 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
             "int8_kernels": integer_kernel_count(int8_path), "test_samples": check.samples,
         }
         summary["size_ratio"] = summary["int8_bytes"] / summary["float_bytes"]
+        want_mnn = bool(OmegaConf.select(cfg, "export.mnn", default=False))
+        if want_mnn:
+            summary.update(mnn_artifact(qat, example, test_batches, output_dir))
+        if start.layers:  # per-layer bits: {float-model module name: bits, or None for float}
+            summary["layer_bits"] = {row.name: row.weight_bits for row in layers}
         write_json_atomically(output_dir / SUMMARY_FILE, summary)
 
         tracking.log_metrics({k: float(v) for k, v in summary.items()
                               if isinstance(v, (int, float)) and k not in ("bits", "feature_bits")})
-        for name in (SUMMARY_FILE, "resolved_config.yaml", "quantized_layers.txt"):
+        for name in (SUMMARY_FILE, "resolved_config.yaml", "quantized_layers.txt", *[MNN_FILE] * want_mnn):
             tracking.log_artifact(output_dir / name)
         with torch.no_grad():
             example_output = qat.eval()(example).numpy()
