@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .engine import FeatureScaleStatMethod, QuantConfig, ScaleUpdateMethod
+from .engine.config import QuantScheme
 from .engine.config import MAX_BITS, MIN_BITS
 from .errors import ConfigError, first_sentence  # noqa: F401 - re-exported
 from .paths import PACKAGE_DIR, PROJECT_ROOT, config_dir, default_outputs, in_checkout  # noqa: F401
@@ -87,6 +88,9 @@ class QuantSchema:
     symmetric_features: bool = _Q.symmetric_features
     # per-layer weight bits: {module-name pattern: bits or "float"}, e.g. {features.0.*: 8}
     layers: Any = None  # per-layer weight bits: {module-name pattern: bits or float}, e.g. {features.0.*: 8}
+    scheme: QuantScheme = _Q.scheme  # default (onnxruntime's integer kernels) | mnn (MNN's int8 runtime)
+    bn_momentum: Optional[float] = _Q.bn_momentum  # torch terms; MNN's 0.99 is torch's 0.01
+    bn_freeze_step: Optional[int] = None  # QAT step from which BatchNorm uses its running statistics
     calibration_batches: int = 10  # PTQ baseline: batches observed before the PTQ evaluation
     sensitivity: bool = False  # per-layer sensitivity table and plot (sensitivity.csv/.png)
     sensitivity_bits: int = 4  # the low width each layer is tried at (and a budget moves layers to)
@@ -168,7 +172,7 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
                        feature_scale_stat_method=q.feature_scale_stat_method,
                        scale_update_method=q.scale_update_method, momentum=q.momentum,
                        symmetric_features=q.symmetric_features,
-                       layers=_plain(q.get("layers")) or {})
+                       layers=_plain(q.get("layers")) or {}, scheme=q.scheme, bn_momentum=q.bn_momentum)
 
 
 def _plain(value: Any) -> Any:
@@ -263,6 +267,9 @@ def validate(cfg: DictConfig) -> QuantConfig:
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}={t[key]!r} is not accepted: use an integer >= 1")
     check_mixed_precision(cfg.quant, quant)
+    if cfg.quant.bn_freeze_step is not None and cfg.quant.bn_freeze_step < 0:
+        raise ConfigError(f"quant.bn_freeze_step={cfg.quant.bn_freeze_step!r} is not accepted: use an integer "
+                          ">= 0 or null")
     if cfg.quant.calibration_batches < 1:
         raise ConfigError(f"quant.calibration_batches={cfg.quant.calibration_batches!r} is not "
                           "accepted: use an integer >= 1")

@@ -26,7 +26,7 @@ from . import float_cache, tracking
 from .artifact import check_artifact, integer_kernel_count
 from .config import ConfigError, first_sentence, resolve_device, validate
 from .data import DataSplits
-from .engine import QuantConfig, calibrate, format_report, quantization_report, turn_quantize
+from .engine import QuantConfig, calibrate, freeze_bn_stats, format_report, quantization_report, turn_quantize
 from .engine.export import export_float_onnx, export_int8_onnx
 from .engine.files import write_text_atomically
 from .mixed_precision import plan_layers
@@ -178,6 +178,20 @@ def mnn_artifact(qat: torch.nn.Module, example: torch.Tensor, test_batches: Data
     return {"mnn_acc": check.mnn_acc, "mnn_agreement": check.agreement, "mnn_bytes": path.stat().st_size}
 
 
+def bn_freezer(freeze_step: int | None, qat: torch.nn.Module) -> Callable[[int], None] | None:
+    """quant.bn_freeze_step: after that many QAT steps, BatchNorm keeps its running statistics."""
+    if freeze_step is None:
+        return None
+    frozen = False
+
+    def before_step(step: int) -> None:
+        nonlocal frozen
+        if step > freeze_step and not frozen:
+            frozen = True
+            log.info("BatchNorm statistics frozen in %d layers from QAT step %d", freeze_bn_stats(qat), step)
+    return before_step
+
+
 # Each stage draws its batches from its own seeded stream (see train.ShuffledStream).
 FLOAT_STREAM, CALIBRATION_STREAM, QAT_STREAM = 0, 1, 2
 
@@ -300,7 +314,8 @@ def run(cfg: DictConfig, output_dir: Path, overrides: str = "") -> dict:
         try:
             result = train(qat, stream(QAT_STREAM, start.step), optimizer, t.max_steps, device, "QAT",
                            lambda s, loss, acc: tracking.log_metrics({"train_loss": loss, "train_acc": acc}, step=s),
-                           t.log_every, start_step=start.step, checkpointer=checkpointer)
+                           t.log_every, start_step=start.step, checkpointer=checkpointer,
+                           before_step=bn_freezer(cfg.quant.bn_freeze_step, qat))
         except NonFiniteLossError as err:
             where = f"last good checkpoint: {checkpoint_path}" if checkpoint_path.exists() else "no checkpoint yet"
             raise TrainingError(f"{err} ({where})") from None

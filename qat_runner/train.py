@@ -89,13 +89,15 @@ class TrainResult:
 
 def train(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, steps: int,
           device: torch.device, desc: str, log_step: StepLogger | None = None, log_every: int = 10,
-          start_step: int = 0, checkpointer: Checkpointer | None = None) -> TrainResult:
+          start_step: int = 0, checkpointer: Checkpointer | None = None,
+          before_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train from step `start_step` to `steps` with cross-entropy; `loader` yields the batches.
 
     `checkpointer` keeps periodic checkpoints and saves one more on Ctrl-C/SIGTERM before the
     interrupt propagates. A NaN/inf loss raises NonFiniteLossError at its step, before the
     optimizer applies it, and so do non-finite gradients; the checkpoint on disk is then the last
     one known to be good. The error names the likely cause (learning rate, data or numerics).
+    `before_step(step)` runs before each step (the runner freezes BatchNorm statistics there).
     """
     model.train()
     start, loss_value, done = time.perf_counter(), math.nan, start_step
@@ -111,6 +113,8 @@ def train(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer
               leave=False, disable=None) as bar:
         try:
             for step in range(start_step + 1, steps + 1):
+                if before_step is not None:
+                    before_step(step)
                 inputs, targets = next(batches)
                 inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 logits = model(inputs)

@@ -1,4 +1,4 @@
-"""`python -m qat_runner.bench [--quick] [--out PATH] [--sections ...] [--skip-openvino]`."""
+"""`python -m qat_runner.bench [--quick] [--out PATH] [--sections ...] [--skip-openvino] [--device cpu|cuda]`."""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +7,9 @@ import shlex
 import sys
 import warnings
 
-from . import report
-from .run import DEFAULT_OUT, run_benchmark
-from .settings import PRESETS, SECTIONS, preset
+from . import report, telemetry
+from .run import DEFAULT_OUT, device_unavailable, run_benchmark
+from .settings import DEVICES, PEERS, PRESETS, SECTIONS, preset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,17 +27,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="add torch.profiler op times of the float and our QAT step to section 1")
     p.add_argument("--threads", type=int, default=None, help="torch, onnxruntime and OpenVINO threads (default 2)")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the models train (training cost, QAT); onnxruntime and OpenVINO stay on the CPU")
+    p.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS), metavar="PEER",
+                   help=f"the optional QAT tools to compare: any of {', '.join(PEERS)} (default: both; "
+                        "none with a bare --peers)")
+    p.add_argument("--no-memory", action="store_true", help="leave the peak-memory subprocesses out of section 1")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    problem = device_unavailable(args.device)
+    if problem is not None:  # before any work, one line
+        print(problem, file=sys.stderr)
+        return 2
+    telemetry.disable()  # before anything imports openvino or nncf
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    overrides = {"sections": tuple(args.sections), "openvino": not args.skip_openvino}
+    overrides = {"sections": tuple(args.sections), "openvino": not args.skip_openvino, "device": args.device,
+                 "peers": tuple(args.peers)}
+    if args.no_memory:
+        overrides["memory"] = False
     if args.profile:
         overrides["profile"] = True
     if args.threads is not None:

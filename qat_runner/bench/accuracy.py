@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import runtimes
+from . import peers, runtimes
 from .contenders import state_dict_bytes
 from .fashion import Images
 from .settings import BenchSettings
@@ -62,16 +62,33 @@ def run(settings: BenchSettings, ws: Workspace) -> dict:
     ao_model, ao_seconds = ws.torch_ao_qat_int8()
     add("QAT", "torch.ao eager (x86)", 8, torch_accuracy(ao_model, test, bs), state_dict_bytes(ao_model),
         "pytorch", ao_seconds)
+    for peer in settings.peers:
+        found = ws.peer_qat(peer)
+        if found is not None:
+            path, seconds = found
+            try:
+                score = onnx_accuracy(path, test, bs, threads)
+            except Exception as err:  # e.g. an export onnxruntime cannot run
+                ws.unavailable[peer] = peers.failure(peer, "run its ONNX in onnxruntime", err)
+            else:
+                add("QAT", peers.LABELS[peer], 8, score, path.stat().st_size, "onnxruntime", seconds)
 
     float_acc = rows[0]["accuracy"]
     for row in rows:
         row["delta_to_float"] = row["accuracy"] - float_acc
     _, float_info = ws.float_state()
-    return {"dataset": "fashion_mnist", "image_size": size, "test_images": len(test),
+    return {"dataset": "fashion_mnist", "image_size": size, "test_images": len(test), "device": settings.device,
             "float_checkpoint": {k: v for k, v in float_info.items() if k != "recipe"},
             "float_recipe": asdict(settings.float_recipe), "qat_recipe": asdict(settings.qat_recipe),
             "notes": ["ours: turn_quantize, PTQ calibration, then the QAT recipe (the runner's workflow)",
                       "torch.ao: prepare_qat (its ReLU6 replaced by ReLU), then the QAT recipe; its "
                       "observers start from the first training batch (torch.ao's documented workflow)",
-                      "onnxruntime: quant_pre_process, then quantize_static on the calibration batches"],
+                      "onnxruntime: quant_pre_process, then quantize_static on the calibration batches",
+                      "NNCF: nncf.quantize on the calibration batches, then the QAT recipe; its ONNX "
+                      "(torch.onnx.export, QDQ) scored",
+                      "Brevitas: preprocess_for_quantize (BatchNorm folded) + quantize (8-bit, per-channel "
+                      "weights), calibration_mode on the calibration batches, then the QAT recipe; its "
+                      "QCDQ ONNX scored"],
+            "peer_versions": peers.versions(),
+            "unavailable": {peers.LABELS[p]: ws.unavailable[p] for p in settings.peers if p in ws.unavailable},
             "rows": rows}

@@ -37,9 +37,17 @@ def _version(package: str) -> str | None:
         return None
 
 
-def machine_record(threads: int, command: str | None = None) -> dict:
+def gpu_model(device: str) -> str | None:
+    if device != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name()
+
+
+def machine_record(threads: int, command: str | None = None, device: str = "cpu") -> dict:
     """What a reader needs to judge the timings: CPU, cores, threads used, library versions."""
     return {
+        "device": device,
+        "gpu": gpu_model(device),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
@@ -47,7 +55,8 @@ def machine_record(threads: int, command: str | None = None) -> dict:
         "threads": {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads(),
                     "onnxruntime_intra_op": threads, "openvino_inference": threads},
         "versions": {name: _version(name) for name in
-                     ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "qat_runner")},
+                     ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "qat_runner",
+                      "nncf", "brevitas", "onnxoptimizer")},
         "command": command or " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "note": "timings taken on a machine that may be shared with other processes; "
                 "contenders alternate round by round and medians are reported",

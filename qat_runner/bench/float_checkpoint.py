@@ -36,20 +36,25 @@ def _save_atomically(payload: dict, path: Path) -> None:
     write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
-def train_float(recipe: FloatRecipe) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train MobileNetV2 from scratch on Fashion-MNIST by `recipe`; returns (state_dict, info)."""
+def train_float(recipe: FloatRecipe, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Train MobileNetV2 from scratch on Fashion-MNIST by `recipe` on `device`; returns (CPU
+    state_dict, info)."""
+    device = torch.device(device)
     images = fashion.load("train", recipe.image_size, recipe.train_images)
-    model = float_model(seed=recipe.seed)
+    model = float_model(seed=recipe.seed).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
     batches = fashion.SeededBatches(images, recipe.batch_size, recipe.seed)
-    result = train(model, batches, optimizer, recipe.steps, torch.device("cpu"), "bench float training")
-    info = {"recipe": asdict(recipe), "train_seconds": result.seconds, "final_loss": result.final_loss}
-    return model.state_dict(), info
+    result = train(model, batches, optimizer, recipe.steps, device, "bench float training")
+    info = {"recipe": asdict(recipe), "train_seconds": result.seconds, "final_loss": result.final_loss,
+            "device": device.type}
+    return {k: v.cpu() for k, v in model.state_dict().items()}, info
 
 
-def load_or_train(recipe: FloatRecipe, cache_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The cached state_dict for `recipe`, training and caching it first when absent."""
+def load_or_train(recipe: FloatRecipe, cache_dir: Path, device: torch.device | str = "cpu"
+                  ) -> tuple[dict[str, torch.Tensor], dict]:
+    """The cached state_dict for `recipe`, training it on `device` and caching it first when absent
+    (the cache does not depend on the device it was trained on)."""
     path = cache_path(recipe, cache_dir)
     if path.is_file():
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -58,7 +63,7 @@ def load_or_train(recipe: FloatRecipe, cache_dir: Path) -> tuple[dict[str, torch
         log.warning("%s holds another recipe; training again", path)
     log.info("training the float checkpoint (%d steps); cached at %s", recipe.steps, path)
     started = time.perf_counter()
-    state, info = train_float(recipe)
+    state, info = train_float(recipe, device)
     info["train_seconds"] = time.perf_counter() - started
     _save_atomically({"recipe": asdict(recipe), "state_dict": state, "info": info}, path)
     return state, {**info, "cached": False, "path": str(path)}

@@ -40,9 +40,19 @@ def non_finite(value, where: str = "") -> list[str]:
     return []
 
 
+def device_unavailable(device: str) -> str | None:
+    """None when `device` can be used here, else the one-line reason (`--device cuda` without CUDA)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: no CUDA device is available here; use --device cpu"
+    return None
+
+
 def run_benchmark(settings: BenchSettings, out: str | os.PathLike = DEFAULT_OUT, command: str | None = None,
                   cache_dir: str | os.PathLike = CACHE_DIR) -> dict:
     """Run `settings.sections`; writes `out` (JSON) and `out` with suffix .md; returns the results."""
+    problem = device_unavailable(settings.device)
+    if problem is not None:
+        raise RuntimeError(problem)
     out = Path(out)
     previous_threads = torch.get_num_threads()
     environment.set_threads(settings.threads)
@@ -74,7 +84,7 @@ def _run(settings: BenchSettings, out: Path, command: str | None, cache_dir: Pat
         load_average[name].append(_load())
     results["targets"] = targets.evaluate(results)
     results["meta"] = {"mode": settings.mode, "settings": settings.to_dict(),
-                       "machine": environment.machine_record(settings.threads, command),
+                       "machine": environment.machine_record(settings.threads, command, settings.device),
                        "section_seconds": section_seconds, "load_average": load_average, "seconds": time.perf_counter() - started,
                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     bad = non_finite(results)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import onnxruntime as ort
 
+from . import telemetry
+
 # onnxruntime's pool threads spin after each run by default; with several sessions alternating
 # in one process, one session's spinning threads would slow the next one down.
 ORT_OPTIONS = {"session.intra_op.allow_spinning": "0"}
@@ -37,10 +39,18 @@ def ort_runner(path: str | os.PathLike, threads: int) -> Callable[[np.ndarray], 
     return lambda x: sess.run(None, {name: x})[0]
 
 
+def _import_openvino():
+    """`import openvino` with its usage telemetry off (`import openvino` alone would start it)."""
+    telemetry.disable()
+    import openvino
+
+    return openvino
+
+
 def openvino_unavailable() -> str | None:
     """None when OpenVINO can be used, else why not (for the JSON's `skipped`)."""
     try:
-        import openvino  # noqa: F401
+        _import_openvino()
     except ImportError as err:
         return f"openvino is not installed ({err}); pip install 'qat_runner[bench]'"
     return None
@@ -48,16 +58,15 @@ def openvino_unavailable() -> str | None:
 
 def openvino_version() -> str | None:
     try:
-        import openvino
+        return _import_openvino().__version__
     except ImportError:
         return None
-    return openvino.__version__
 
 
 def openvino_runner(path: str | os.PathLike, threads: int, input_shape: tuple[int, ...]
                     ) -> Callable[[np.ndarray], np.ndarray]:
     """A compiled OpenVINO CPU model for a static `input_shape`."""
-    import openvino as ov
+    ov = _import_openvino()
 
     core = ov.Core()
     model = core.read_model(str(path))

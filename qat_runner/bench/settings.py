@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 SECTIONS = ("training_cost", "inference", "accuracy", "sizes")
+DEVICES = ("cpu", "cuda")
+PEERS = ("nncf", "brevitas")  # optional QAT tools (the `bench` extra); "unavailable: why" without them
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,16 @@ class BenchSettings:
     mode: str = "full"
     sections: tuple[str, ...] = SECTIONS
     threads: int = 2
+    device: str = "cpu"  # where the models train (training cost, QAT); the runtimes run on the CPU
+    peers: tuple[str, ...] = PEERS  # the optional QAT tools compared next to ours and torch.ao
     # 1. training cost: (image size, batch) pairs; alternating rounds of one step per contender
     train_shapes: tuple[tuple[int, int], ...] = ((224, 8), (32, 32))
     train_rounds: int = 9
     train_warmup: int = 2
+    # peak memory of one step, each contender in a fresh subprocess (CPU: RSS; CUDA: allocator)
+    memory: bool = True
+    memory_contenders: tuple[str, ...] | None = None  # None: every contender of the section
+    memory_steps: int = 2  # steps measured after `train_warmup` ones; the largest peak counts
     profile: bool = False  # add torch.profiler op times of float vs our QAT step per shape
     profile_rounds: int = 4
     # 2. inference: image sizes and batch sizes; rounds of >= min_sample_s per contender
@@ -80,9 +88,12 @@ QUICK = replace(
     qat_recipe=replace(QatRecipe(), steps=40, calibration_batches=4),
     test_images=2000)
 
-# For the test suite: every section and code path, tiny shapes, no meaningful numbers.
+# For the test suite: every section and code path, tiny shapes, no meaningful numbers. One thread:
+# the suite runs two workers on 2 cores, and two OpenMP threads per process on a busy core spin
+# (a 32x32 batch-4 float step measured 9-15 s with 2 threads next to other work, 0.1 s with 1).
 TINY = replace(
-    FULL, mode="tiny", train_shapes=((32, 4),), train_rounds=2, train_warmup=1,
+    FULL, mode="tiny", threads=1, train_shapes=((32, 4),), train_rounds=2, train_warmup=1,
+    memory_contenders=("float", "ours_qat"), memory_steps=1,
     profile=True, profile_rounds=1,
     infer_sizes=(32,), infer_batches=(1, 4), infer_rounds=2, infer_warmup=1, min_sample_s=0.0,
     calibration_images=8,
@@ -100,4 +111,9 @@ def preset(mode: str, **overrides) -> BenchSettings:
     bad = [s for s in overrides.get("sections", ()) if s not in SECTIONS]
     if bad:
         raise ValueError(f"sections {bad} are not accepted: use any of {', '.join(SECTIONS)}")
+    if overrides.get("device", "cpu") not in DEVICES:
+        raise ValueError(f"device={overrides['device']!r} is not accepted: use one of {', '.join(DEVICES)}")
+    bad = [p for p in overrides.get("peers", ()) if p not in PEERS]
+    if bad:
+        raise ValueError(f"peers {bad} are not accepted: use any of {', '.join(PEERS)}")
     return replace(PRESETS[mode], **overrides)

@@ -14,6 +14,9 @@ def evaluate(results: dict) -> list[dict]:
         where = f"{row['image_size']}px batch {row['batch']}"
         out.append(_target(f"our QAT step / float step ({where})", row["ours_over_float"], 1.3, True))
         out.append(_target(f"our QAT step / torch.ao QAT step ({where})", row["ours_over_torch_ao"], 0.6, True))
+        if "ours_over_float_memory" in row:
+            out.append(_target(f"our QAT step / float step, peak memory ({where})", row["ours_over_float_memory"],
+                               1.3, True))
     inference = results.get("inference", {})
     for runtime in ("onnxruntime", "openvino"):
         for row in inference.get(runtime, {}).get("rows", []):

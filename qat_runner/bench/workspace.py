@@ -15,7 +15,7 @@ from torch import nn
 
 from ..engine.export import export_float_onnx, export_int8_onnx
 from ..train import train
-from . import contenders, fashion, float_checkpoint
+from . import contenders, fashion, float_checkpoint, peers
 from .ort_quant import quantize_with_onnxruntime
 from .settings import BenchSettings
 
@@ -26,6 +26,12 @@ class Workspace:
     def __init__(self, settings: BenchSettings, artifact_dir: Path, cache_dir: Path) -> None:
         self.settings, self.artifact_dir, self.cache_dir = settings, artifact_dir, cache_dir
         self._memo: dict[tuple, object] = {}
+        self.unavailable: dict[str, str] = {}  # peer -> "unavailable: <reason>" (first failure)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models train (float checkpoint, QAT); exports and runtimes use the CPU."""
+        return torch.device(self.settings.device)
 
     def _once(self, key: tuple, build):
         if key not in self._memo:
@@ -66,7 +72,7 @@ class Workspace:
     # float ----------------------------------------------------------------------------------
     def float_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         return self._once(("float_state",), lambda: float_checkpoint.load_or_train(
-            self.settings.float_recipe, self.cache_dir))
+            self.settings.float_recipe, self.cache_dir, self.device))
 
     def float_model(self) -> nn.Module:
         return contenders.float_model(self.float_state()[0]).eval()
@@ -93,9 +99,12 @@ class Workspace:
         """The shared QAT recipe: same optimizer, lr, batches (seeded stream) and steps."""
         q = self.settings.qat_recipe
         torch.manual_seed(q.seed)
+        model.to(self.device)
         optimizer = torch.optim.SGD(model.parameters(), lr=q.lr, momentum=q.momentum, weight_decay=q.weight_decay)
         batches = fashion.SeededBatches(self.train_images(), q.batch_size, q.seed)
-        return train(model, batches, optimizer, q.steps, torch.device("cpu"), desc).seconds
+        seconds = train(model, batches, optimizer, q.steps, self.device, desc).seconds
+        model.cpu()
+        return seconds
 
     def ours_qat(self, bits: int) -> tuple[nn.Module, Path, float]:
         """Our QAT model after the recipe (calibrated first, as the runner does), its artifact,
@@ -131,3 +140,42 @@ class Workspace:
             seconds = self._qat_train(model, "bench torch.ao QAT")
             return contenders.torch_ao_convert(model), seconds
         return self._once(("torch_ao_qat_int8",), build)
+
+    # the peers: NNCF, Brevitas (optional) ----------------------------------------------------------
+    def peer_available(self, peer: str) -> bool:
+        if peer not in self.unavailable:
+            reason = peers.unavailable(peer)
+            if reason is not None:
+                self.unavailable[peer] = reason
+        return peer not in self.unavailable
+
+    def _peer(self, peer: str, stage: str, build):
+        """`build()`, or None with the peer marked unavailable when it (or an earlier stage) failed."""
+        if not self.peer_available(peer):
+            return None
+        try:
+            return build()
+        except Exception as err:  # the tool's own failure is a finding, not the benchmark's crash
+            self.unavailable[peer] = peers.failure(peer, stage, err)
+            log.warning("%s", self.unavailable[peer])
+            return None
+
+    def peer_int8(self, peer: str, size: int) -> Path | None:
+        """The peer's ONNX at `size` after its calibration on our PTQ batches (no training): the
+        same graph its QAT artifact has, for latency and size."""
+        def build():
+            model = peers.quantize(peer, self.float_model(), self.calibration(size))
+            return peers.export(peer, model, self.calibration(size)[0], self.artifact_dir / f"{peer}_ptq_{size}.onnx")
+        return self._once(("peer_int8", peer, size),
+                          lambda: self._peer(peer, f"quantize and export at {size}px", build))
+
+    def peer_qat(self, peer: str) -> tuple[Path, float] | None:
+        """The peer's QAT by the shared recipe (its ranges first set on the calibration batches, as
+        its documented flow does), exported; with its training seconds."""
+        def build():
+            calibration = self.calibration(self.train_size)
+            model = peers.quantize(peer, self.float_model(), calibration, self.device)
+            seconds = self._qat_train(model, f"bench {peer} QAT")
+            path = peers.export(peer, model, calibration[0], self.artifact_dir / f"{peer}_qat_{self.train_size}.onnx")
+            return path, seconds
+        return self._once(("peer_qat", peer), lambda: self._peer(peer, "run QAT and export", build))

@@ -7,16 +7,18 @@
 """
 from .calibrate import calibrate
 from .export import export_float_onnx, export_int8_onnx
-from .config import FeatureScaleStatMethod, QuantConfig, ScaleUpdateMethod
+from .config import FeatureScaleStatMethod, QuantConfig, QuantScheme, ScaleUpdateMethod
 from .fake_quant import FeatureQuantizer, fake_quantize_weight, quantize_weight, weight_scale
 from .integer import to_integer_model
-from .modules import QuantConv2d, QuantLayer, QuantLinear
+from .mnn_quant import MnnFeatureQuantizer
+from .modules import QuantConv2d, QuantLayer, QuantLinear, freeze_bn_stats
 from .report import LayerReport, format_report, quantization_report
 from .transform import turn_quantize
 
 __all__ = [
-    "FeatureQuantizer", "FeatureScaleStatMethod", "LayerReport", "QuantConfig", "QuantConv2d",
-    "QuantLayer", "QuantLinear", "ScaleUpdateMethod", "calibrate", "fake_quantize_weight",
+    "FeatureQuantizer", "FeatureScaleStatMethod", "LayerReport", "MnnFeatureQuantizer", "QuantConfig",
+    "QuantConv2d", "QuantLayer", "QuantLinear", "QuantScheme", "ScaleUpdateMethod", "calibrate",
+    "fake_quantize_weight", "freeze_bn_stats",
     "export_float_onnx", "export_int8_onnx", "format_report", "quantization_report", "quantize_weight",
     "to_integer_model", "turn_quantize", "weight_scale",
 ]

@@ -25,10 +25,12 @@ INITIAL_SHARE_LIMIT = 0.01
 def _statistics_untrained(bn: _BatchNorm) -> bool:
     at_init = bool((bn.running_mean == 0).all() and (bn.running_var == 1).all())
     steps = int(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0
-    if at_init or bn.momentum is None:  # momentum None: a cumulative average, real after one batch
+    # the momentum the statistics were gathered at (turn_quantize sets quant.bn_momentum for QAT)
+    momentum = getattr(bn, "momentum_before_qat", bn.momentum)
+    if at_init or momentum is None:  # momentum None: a cumulative average, real after one batch
         return at_init
     # A checkpoint without num_batches_tracked loads it as 0: trust statistics that moved.
-    return 0 < steps and (1.0 - bn.momentum) ** steps > INITIAL_SHARE_LIMIT
+    return 0 < steps and (1.0 - momentum) ** steps > INITIAL_SHARE_LIMIT
 
 
 def untrained_batch_norms(model: nn.Module) -> list[_BatchNorm]:

@@ -25,6 +25,13 @@ class ScaleUpdateMethod(str, Enum):
     MovingAverage = "MovingAverage"
 
 
+class QuantScheme(str, Enum):
+    """The numeric scheme: onnxruntime's integer kernels (`default`) or MNN's int8 runtime (`mnn`)."""
+
+    default = "default"
+    mnn = "mnn"
+
+
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -88,6 +95,12 @@ class QuantConfig:
     layers: per-layer weight bits, {fnmatch pattern over the float model's module names: bits
         or "float"}; the first pattern that matches a layer wins, unmatched layers get `bits`.
         Kept as a tuple of (pattern, bits or None) pairs, so the config stays hashable.
+    scheme: `default` (ONNX-first: uint8 features, ties to even, running range in training,
+        int32 bias) or `mnn` (MNN's numerics: signed int8 features with a zero point, roundf,
+        each batch's own range in training, float bias; `engine/mnn_quant.py`).
+    bn_momentum: torch's BatchNorm momentum during QAT (MNN's 0.99 is torch's 0.01): a converged
+        model's running statistics move slowly instead of being replaced by 100 noisy batches
+        at torch's default 0.1; None keeps the model's own.
     """
 
     bits: int = 8
@@ -97,6 +110,8 @@ class QuantConfig:
     momentum: float = 0.99
     symmetric_features: bool = False
     layers: Mapping[str, int | str | None] | tuple[tuple[str, int | None], ...] = ()
+    scheme: QuantScheme | str = QuantScheme.default
+    bn_momentum: float | None = 0.01
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -112,6 +127,18 @@ class QuantConfig:
                 f"momentum={m!r} is not accepted: use a number strictly between 0 and 1"
             )
         set_(self, "layers", _check_layers(self.layers))
+        set_(self, "scheme", _parse_enum("scheme", self.scheme, QuantScheme))
+        bn = self.bn_momentum
+        if bn is not None and (isinstance(bn, bool) or not isinstance(bn, (int, float)) or not 0.0 < bn <= 1.0):
+            raise ValueError(f"bn_momentum={bn!r} is not accepted: use a number in (0, 1] or null")
+        if self.scheme is QuantScheme.mnn:
+            if self.feature_scale_stat_method is FeatureScaleStatMethod.PerChannel:
+                raise ValueError("feature_scale_stat_method='PerChannel' is not accepted with scheme mnn: "
+                                 "MNN has one scale per feature tensor (PerChannel is ignored since v1.2); "
+                                 "use PerTensor")
+            if self.symmetric_features:
+                raise ValueError("symmetric_features=True is not accepted with scheme mnn: MNN's features "
+                                 "are signed int8 with a zero point; use false")
         if not isinstance(self.symmetric_features, bool):
             raise ValueError(
                 f"symmetric_features={self.symmetric_features!r} is not accepted: use true or false"

@@ -29,12 +29,19 @@ class QuantDequant(nn.Module):
         self.per_channel = quantizer.per_channel
         self.channel_axis = quantizer.channel_axis
         self.quant_min, self.quant_max, self.dtype = quantizer.quant_min, quantizer.quant_max, quantizer.dtype
+        shift = 0
+        if self.dtype is torch.int8 and not quantizer.symmetric:
+            # Signed codes with a zero point (quant=mnn) ship as the same grid shifted into uint8:
+            # onnxruntime's x86 QDQ transformer does that shift itself and leaves an int8
+            # output_dtype on a uint8 zero point, which it then refuses to load.
+            shift, self.dtype = 128, torch.uint8
+            self.quant_min, self.quant_max = self.quant_min + shift, self.quant_max + shift
         if self.per_channel:
             self.register_buffer("scale", quantizer.scale.detach().clone())
-            self.register_buffer("zero_point", quantizer.zero_point.detach().to(torch.int64))
+            self.register_buffer("zero_point", quantizer.zero_point.detach().to(torch.int64) + shift)
         else:  # python numbers become scalar initializers, as onnxruntime's fusions expect
             self.scale_value = float(quantizer.scale)
-            self.zero_point_value = int(quantizer.zero_point)
+            self.zero_point_value = int(quantizer.zero_point) + shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (self.quant_min, self.quant_max, self.dtype)

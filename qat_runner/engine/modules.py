@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import QuantConfig
+from .config import QuantConfig, QuantScheme
 from .fake_quant import (
     FeatureQuantizer,
     _channel_view,
@@ -20,6 +20,7 @@ from .fake_quant import (
     quantize_weight,
 )
 from .integer_layers import integer_kernel_output
+from .mnn_quant import feature_quantizer, mnn_fake_quantize_weight, mnn_weight_integers
 
 ACTIVATIONS = ("relu", "relu6")
 
@@ -32,11 +33,13 @@ def apply_weights(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, weight: torch.T
     return F.linear(x, weight, bias)
 
 
-def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+def apply_activation(y: torch.Tensor, activation: str | None, inplace: bool = False) -> torch.Tensor:
+    """ReLU / ReLU6 / nothing. `inplace` where `y` is a fresh intermediate nothing else reads
+    (as torchvision's float models do): saves a feature-sized allocation, same values and gradient."""
     if activation == "relu":
-        return F.relu(y)
+        return F.relu(y, inplace=inplace)
     if activation == "relu6":
-        return F.relu6(y)
+        return F.relu6(y, inplace=inplace)
     return y
 
 
@@ -57,7 +60,9 @@ class QuantLayer(nn.Module):
         self.bn = bn
         self.activation = activation
         self.bits = config.bits
-        self.output_quant = FeatureQuantizer(config, self.out_channels, self.channel_axis)
+        self.mnn = config.scheme is QuantScheme.mnn  # MNN's rounding and float bias (mnn_quant.py)
+        self.bn_frozen = False  # freeze_bn_stats: BatchNorm on running statistics in training too
+        self.output_quant = feature_quantizer(config, self.out_channels, self.channel_axis)
         # The quantizer of this layer's input lives elsewhere in the graph (it may be shared, or
         # be the previous layer's output quantizer); a list keeps it out of this module's children.
         self._input_quant: list[FeatureQuantizer] = []
@@ -99,6 +104,10 @@ class QuantLayer(nn.Module):
     def integer_parameters(self) -> dict[str, torch.Tensor | None]:
         """What the integer model stores for this layer: int weight, scales, int32 bias."""
         weight, bias = self.folded_weight_bias()
+        if self.mnn:  # MNN's test phase: roundf weights, float bias
+            q_weight, w_scale = mnn_weight_integers(weight, self.bits)
+            return {"weight": q_weight.to(torch.int8), "weight_scale": w_scale, "bias": None,
+                    "bias_scale": None, "float_bias": bias.detach()}
         q_weight, w_scale = quantize_weight(weight, self.bits)
         b_scale = self.bias_scale(w_scale)
         q_bias = quantize_bias(bias, b_scale) if b_scale is not None else None
@@ -107,17 +116,26 @@ class QuantLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            y = apply_weights(self.layer, x, fake_quantize_weight(self.layer.weight, self.bits), self.layer.bias)
+            fake_quantize = mnn_fake_quantize_weight if self.mnn else fake_quantize_weight
+            y = apply_weights(self.layer, x, fake_quantize(self.layer.weight, self.bits), self.layer.bias)
             if self.bn is not None:
-                y = self.bn(y)
-        elif (y := integer_kernel_output(self, x)) is not None:  # QLinearConv / QGemm, exactly
+                y = self._batch_norm(y)
+            # y is this layer's own fresh output: BatchNorm and the conv do not keep it for backward
+            return self.output_quant(apply_activation(y, self.activation, inplace=True))
+        if not self.mnn and (y := integer_kernel_output(self, x)) is not None:  # QLinearConv / QGemm, exactly
             return self.output_quant(y)
-        else:
-            p = self.integer_parameters()
-            weight = p["weight"].to(x.dtype) * _channel_view(p["weight_scale"], p["weight"].dim())
-            bias = p["bias"].to(x.dtype) * p["bias_scale"] if p["bias"] is not None else p["float_bias"]
-            y = apply_weights(self.layer, x, weight, bias)
+        p = self.integer_parameters()
+        weight = p["weight"].to(x.dtype) * _channel_view(p["weight_scale"], p["weight"].dim())
+        bias = p["bias"].to(x.dtype) * p["bias_scale"] if p["bias"] is not None else p["float_bias"]
+        y = apply_weights(self.layer, x, weight, bias)
         return self.output_quant(apply_activation(y, self.activation))
+
+    def _batch_norm(self, y: torch.Tensor) -> torch.Tensor:
+        """Training BatchNorm: batch statistics, or the frozen running ones (`freeze_bn_stats`)."""
+        bn = self.bn
+        if not self.bn_frozen:
+            return bn(y)
+        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
     def extra_repr(self) -> str:
         fused = "+bn" if self.bn is not None else ""
@@ -133,3 +151,12 @@ class QuantLinear(QuantLayer):
     """Linear with an optional ReLU; features are channel-last."""
 
     channel_axis = -1
+
+
+def freeze_bn_stats(model: nn.Module) -> int:
+    """From now on, QAT layers normalise with BatchNorm's running statistics and stop updating
+    them (torchvision's QAT recipe does this after a few epochs). Returns the layers frozen."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLayer) and m.bn is not None]
+    for layer in layers:
+        layer.bn_frozen = True
+    return len(layers)

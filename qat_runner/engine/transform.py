@@ -22,8 +22,9 @@ from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.nn import functional as F
 
-from .config import QuantConfig
+from .config import QuantConfig, QuantScheme
 from .fake_quant import FeatureQuantizer
+from .mnn_quant import feature_quantizer
 from .integer_ops import QuantAdd, QuantAvgPool2d, QuantGlobalAvgPool
 from .modules import QuantConv2d, QuantLayer, QuantLinear
 
@@ -78,6 +79,17 @@ def _call_counts(graph: fx.Graph) -> dict[str, int]:
         if node.op == "call_module":
             counts[node.target] = counts.get(node.target, 0) + 1
     return counts
+
+
+def _set_bn_momentum(gm: fx.GraphModule, momentum: float | None) -> None:
+    """Every BatchNorm of the QAT model (fused or not) updates its statistics at `momentum`."""
+    if momentum is None:
+        return
+    for module in gm.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            # what the statistics were gathered at: calibrate judges from it whether they are trained
+            module.momentum_before_qat = module.momentum
+            module.momentum = momentum
 
 
 def quantizable_layers(gm: fx.GraphModule) -> list[str]:
@@ -153,7 +165,7 @@ def _insert_input_quantizers(gm: fx.GraphModule, layer_nodes: list[fx.Node], con
             layer.set_input_quant(quantizer_of[upstream])
             continue
         channels = layer.layer.in_channels if isinstance(layer, QuantConv2d) else layer.layer.in_features
-        quantizer = FeatureQuantizer(config, channels, layer.channel_axis)
+        quantizer = feature_quantizer(config, channels, layer.channel_axis)
         name = f"{src.name}_quant"
         gm.add_submodule(name, quantizer)
         with gm.graph.inserting_after(src):
@@ -345,7 +357,9 @@ def turn_quantize(model: nn.Module, config: QuantConfig | None = None, **setting
     _check_layer_patterns(gm, config)
     layer_nodes = _fuse_layers(gm, config)
     _insert_input_quantizers(gm, layer_nodes, config)
-    _replace_integer_ops(gm)
+    if config.scheme is QuantScheme.default:  # MNN runs adds and pools in float
+        _replace_integer_ops(gm)
+    _set_bn_momentum(gm, config.bn_momentum)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -2,12 +2,19 @@
 numbers. No timing thresholds here: speed goals are measured by the benchmark, never asserted."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
-from qat_runner.bench import SECTIONS, preset, run_benchmark
+from qat_runner.bench import SECTIONS, peers, preset, run_benchmark
+from qat_runner.bench import __main__ as bench_main
+from qat_runner.bench import gpu_check
 from qat_runner.bench.__main__ import parse_args
 from qat_runner.bench.run import non_finite
 from qat_runner.bench.runtimes import openvino_unavailable
@@ -29,7 +36,8 @@ def numbers(value):
 @pytest.mark.slow
 def test_tiny_benchmark_writes_every_section_with_finite_numbers(tmp_path):
     out = tmp_path / "bench.json"
-    settings = preset("tiny", openvino=openvino_unavailable() is None)
+    # the peak-memory subprocesses are covered by the fast test below
+    settings = preset("tiny", openvino=openvino_unavailable() is None, memory=False)
     run_benchmark(settings, out, command="pytest", cache_dir=tmp_path / "cache")
 
     results = json.loads(out.read_text())
@@ -96,8 +104,88 @@ def test_targets_and_non_finite_check():
 def test_cli_arguments():
     args = parse_args(["--quick", "--sections", "sizes", "accuracy", "--skip-openvino"])
     assert (args.mode, args.sections, args.skip_openvino) == ("quick", ["sizes", "accuracy"], True)
-    assert parse_args([]).mode == "full"
+    assert parse_args([]).mode == "full" and parse_args([]).device == "cpu"
+    assert parse_args([]).peers == ["nncf", "brevitas"] and parse_args(["--peers"]).peers == []
+    assert parse_args(["--device", "cuda", "--no-memory"]).no_memory
     with pytest.raises(ValueError, match="mode"):
         preset("huge")
     with pytest.raises(ValueError, match="sections"):
         preset("quick", sections=("speed",))
+
+
+def test_peers_and_memory_ratio_in_the_tiny_training_cost(tmp_path):
+    """NNCF and Brevitas appear in section 1 with figures (installed: `bench` extra) or with
+    "unavailable: <reason>" naming the package (the test extra does not install them); our QAT
+    step's peak memory comes with its ratio to the float step's."""
+    out = tmp_path / "bench.json"
+    settings = preset("tiny", sections=("training_cost",), profile=False)
+    run_benchmark(settings, out, command="pytest", cache_dir=tmp_path / "cache")
+    results = json.loads(out.read_text())
+    section = results["training_cost"]
+    row = section["rows"][0]
+
+    for peer in peers.PEERS:
+        name = f"{peer}_qat"
+        reason = section["unavailable"].get(name)
+        if importlib.util.find_spec(peer) is None:
+            assert reason == f"unavailable: {peer} is not installed (pip install 'qat_runner[bench]')"
+        if reason is None:  # installed and ran: timed next to float
+            assert name in section["contenders"] and row[f"{name}_s"] > 0 and row[f"{peer}_over_float"] > 0
+        else:
+            assert reason.startswith(f"unavailable: {peer} ") and f"{name}_s" not in row
+    markdown = out.with_suffix(".md").read_text()
+    assert "NNCF QAT" in markdown and "Brevitas QAT" in markdown
+
+    ratio = row["ours_over_float_memory"]
+    assert math.isfinite(ratio) and ratio > 0
+    assert row["peak_step_mb"]["float"] > 0 and row["peak_step_mb"]["ours_qat"] > 0
+    assert row["memory_over_float"]["ours_qat"] == ratio
+    assert "Peak memory of one step" in markdown
+    assert any(t["target"].startswith("our QAT step / float step, peak memory") for t in results["targets"])
+
+
+def test_missing_peer_is_reported_unavailable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nncf", None)  # `import nncf` fails as when it is not installed
+    peers._import.cache_clear()
+    try:
+        assert peers.unavailable("nncf") == "unavailable: nncf is not installed (pip install 'qat_runner[bench]')"
+    finally:
+        peers._import.cache_clear()
+    reason = peers.failure("brevitas", "take a QAT step", RuntimeError("boom\nmore"))
+    assert reason.startswith("unavailable: brevitas ") and reason.endswith("take a QAT step with torch "
+                                                                         f"{torch.__version__}: RuntimeError: boom")
+
+
+def test_device_cuda_without_cuda_fails_first_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench_main, "run_benchmark", lambda *a, **k: pytest.fail("work started"))
+    assert bench_main.main(["--device", "cuda", "--mode", "tiny"]) != 0
+    err = capsys.readouterr().err
+    assert err == "--device cuda: no CUDA device is available here; use --device cpu\n"
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        run_benchmark(preset("tiny", device="cuda"), "unused.json")
+    assert gpu_check.main([]) == 2  # the prepared GPU script stops the same way
+    assert capsys.readouterr().err == "--device cuda: no CUDA device is available here; use --device cpu\n"
+    with pytest.raises(ValueError, match="device"):
+        preset("tiny", device="tpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino: the bench extra")
+def test_openvino_and_nncf_telemetry_stay_off(tmp_path):
+    """`import openvino` alone starts OpenVINO's usage telemetry (and nncf NNCF's); the bench's
+    imports go through telemetry.disable(). Checked in a child with its own HOME (where a client
+    would write ~/intel) and CI=true as a safety net: the stubs must be in place regardless."""
+    code = ("from qat_runner.bench import runtimes, telemetry\n"
+            "runtimes.openvino_version()\n"
+            "import openvino.tools.ovc.telemetry_utils as t\n"
+            "assert t.tm.__name__ == 'openvino.tools.ovc.telemetry_stub', t.tm\n"
+            "import importlib.util\n"
+            "if importlib.util.find_spec('nncf'):\n"
+            "    from qat_runner.bench import peers\n"
+            "    assert peers.unavailable('nncf') is None\n"
+            "    import nncf.telemetry.wrapper as w\n"
+            "    assert type(w.telemetry).__name__ == 'MagicMock', w.telemetry\n")
+    env = {**os.environ, "HOME": str(tmp_path), "CI": "true"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "intel").exists()

@@ -18,18 +18,21 @@ COMMON = ["trainer.float_steps=150", "trainer.max_steps=20"]
 FOUR_BIT = ["quant.bits=4", "quant.feature_scale_stat_method=PerChannel",
             "quant.scale_update_method=Maximum", "quant.layers={features.0:8,classifier.3:float}"]
 BUDGET = ["quant.size_budget=0.2"]
+MNN = ["quant=mnn", "export.mnn=true"]
 LOGGED_METRICS = ("float_acc", "qat_acc", "int8_acc", "int8_agreement", "float_bytes", "int8_bytes")
 
 
 @pytest.fixture(scope="module")
 def jobs(qat_cli, tmp_path_factory) -> dict[str, CliResult]:
-    """The 8-bit default job, the 4-bit PerChannel/Maximum job with per-layer bits and the size
-    budget job, two at a time."""
+    """The 8-bit default job, the 4-bit PerChannel/Maximum job with per-layer bits, the size
+    budget job and the quant=mnn job with its .mnn, two at a time."""
     out8 = tmp_path_factory.mktemp("e2e_int8")
     out4 = tmp_path_factory.mktemp("e2e_int4")
     out_budget = tmp_path_factory.mktemp("e2e_budget")
+    out_mnn = tmp_path_factory.mktemp("e2e_mnn")
     return run_many(qat_cli, {"int8": (COMMON, out8), "int4": (COMMON + FOUR_BIT, out4),
-                              "budget": (COMMON + BUDGET, out_budget)}, concurrency=2, timeout=300)
+                              "budget": (COMMON + BUDGET, out_budget), "mnn": (COMMON + MNN, out_mnn)},
+                    concurrency=2, timeout=300)
 
 
 def _ok(result: CliResult) -> Path:
@@ -233,3 +236,14 @@ def test_size_budget_picks_layer_bits_that_fit(jobs):
     client = MlflowClient(tracking_uri=f"sqlite:///{result.outputs}/mlflow.db")
     logged = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
     assert {"sensitivity.csv", "sensitivity.png"} <= logged, logged
+
+
+def test_mnn_scheme_and_its_mnn_artifact_agree(jobs):
+    """quant=mnn + export.mnn: MNN's runtime predicts what the test phase predicts (issue goal:
+    agreement >= 99.5%, accuracy within 0.2 pt)."""
+    run_dir, summary = _ok(jobs["mnn"]), _summary(jobs["mnn"])
+    assert (run_dir / "model.int8.mnn").is_file()
+    assert summary["mnn_agreement"] >= 0.995, summary
+    assert abs(summary["mnn_acc"] - summary["qat_acc"]) <= 0.002 + 1e-9, summary
+    assert summary["mnn_bytes"] < 0.30 * summary["float_bytes"], summary
+    assert summary["int8_agreement"] >= 0.98, summary  # the ONNX artifact: onnxruntime's rounding
