@@ -64,6 +64,7 @@ class FashionMnistConfig(DatasetConfig):
 @dataclass
 class ImageFolderConfig(DatasetConfig):
     root: Optional[str] = None
+    augment: bool = True  # RandomResizedCrop + flip in training; false: one fixed transform (MNN)
 
 
 @dataclass

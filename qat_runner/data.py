@@ -138,8 +138,13 @@ def fashion_mnist(root: str | None = FASHION_MNIST_ROOT, num_classes: int = 10, 
 
 
 def imagefolder(root: str | None, num_classes: int, channels: int = 3, image_size: int = 224,
-                eval_transform=None, **_: object) -> DataSplits:
-    """torchvision ImageFolder in ImageNet layout: `root/train/<class>/*`, `root/val/<class>/*`."""
+                eval_transform=None, augment: bool = True, **_: object) -> DataSplits:
+    """torchvision ImageFolder in ImageNet layout: `root/train/<class>/*`, `root/val/<class>/*`.
+
+    `augment`: RandomResizedCrop + flip for training (torchvision's recipes); false: MNN's recipe,
+    one fixed transform for train and test (centre 0.875 of each side, aspect not kept, resized
+    to `image_size`).
+    """
     if not root:
         raise ConfigError("dataset.root is not set: point it at an ImageNet-layout folder with "
                           "train/ and val/ (dataset.root=/path/to/imagenet)")
@@ -149,10 +154,12 @@ def imagefolder(root: str | None, num_classes: int, channels: int = 3, image_siz
                               "folder with train/<class>/*.jpg and val/<class>/*.jpg is expected")
     resize = int(round(image_size * 256 / 224))
     to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    train_t = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(),
-                          *to_float, MatchChannels(channels), _normalize(channels, None, None)])
-    test_t = eval_transform or v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(image_size),
-                                           *to_float, MatchChannels(channels), _normalize(channels, None, None)])
+    tail = [*to_float, MatchChannels(channels), _normalize(channels, None, None)]
+    if augment:
+        train_t = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *tail])
+        test_t = eval_transform or v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(image_size), *tail])
+    else:  # MNN: resize both sides to 256/224 of the size, keep the centre 224/256 = 0.875
+        train_t = test_t = v2.Compose([v2.Resize((resize, resize), antialias=True), v2.CenterCrop(image_size), *tail])
     try:
         train = datasets.ImageFolder(str(Path(root) / "train"), transform=train_t)
         test = datasets.ImageFolder(str(Path(root) / "val"), transform=test_t)

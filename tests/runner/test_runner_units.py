@@ -77,6 +77,19 @@ def test_imagefolder_builder_errors(tmp_path):
         qdata.imagefolder(str(tmp_path), num_classes=1)
 
 
+def test_imagefolder_fixed_transform_for_mnns_recipe(tmp_path):
+    """augment=false: train and test see the same deterministic centre crop (MNN's recipe)."""
+    from helpers.runner import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "imgs")
+    fixed = qdata.imagefolder(str(root), num_classes=2, image_size=8, augment=False)
+    assert fixed.train.transform is fixed.test.transform
+    first = fixed.train[0][0]
+    assert first.shape == (3, 8, 8) and torch.equal(first, fixed.train[0][0])  # no random crop or flip
+    augmented = qdata.imagefolder(str(root), num_classes=2, image_size=8)
+    assert augmented.train.transform is not augmented.test.transform
+
+
 # --------------------------------------------------------------------------------------------
 # MatchChannels
 
