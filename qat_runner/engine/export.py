@@ -276,6 +276,10 @@ def _pack_int4(proto: onnx.ModelProto) -> int:
     """
     inits = {i.name: i for i in proto.graph.initializer}
     nodes = [n for n in weight_dequantize_nodes(proto) if _fits_int4(onnx.numpy_helper.to_array(inits[n.input[0]]))]
+    for node in nodes:  # an all-zero zero point is optional (0 of the weight's type), and the
+        # exporter shares one between layers of equal width, 8-bit ones included: leave it out
+        if len(node.input) > 2 and not onnx.numpy_helper.to_array(inits[node.input[2]]).any():
+            del node.input[2]
     names = {n.input[0] for n in nodes} | {n.input[2] for n in nodes if len(n.input) > 2}
     users = [n for n in proto.graph.node if n not in nodes]
     if any(name in u.input for u in users for name in names):

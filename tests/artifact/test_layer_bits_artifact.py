@@ -25,3 +25,25 @@ def test_mixed_bits_artifact(float_lenet, digits_split, tmp_path):
     check = check_artifact(path, qat, digits_split.test_loader())
     assert check.agreement == 1.0, check
     assert check.int8_acc > 0.8, check
+
+
+def test_mixed_bits_with_layers_of_equal_width(tmp_path):
+    """MobileNetV2 with the layers a 20% budget chose at 4 bits among 8-bit ones of equal width:
+    the exporter may share one all-zero zero point between them (it did for the trained model of
+    that run), so packed layers drop theirs; here: INT4 where asked, and the same outputs."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from helpers.models import torchvision_with_bn_statistics
+
+    low = ["features.12.conv.0.0", "features.15.conv.1.0", "features.15.conv.2", "features.16.conv.2",
+           "features.17.conv.0.0", "features.17.conv.2", "features.18.0"]
+    qat = turn_quantize(torchvision_with_bn_statistics("mobilenet_v2"), layers={name: 4 for name in low})
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    calibrate(qat, [x[:8], x[8:]])
+    path = export_int8_onnx(qat.eval(), x[:1], tmp_path / "equal_width.onnx")
+    inits = {i.name: i.data_type for i in onnx.load(str(path)).graph.initializer}
+    assert [inits[f"{name}.weight_int"] for name in low] == [TensorProto.INT4] * len(low)
+    assert inits["features.0.0.weight_int"] == TensorProto.INT8
+    check = check_artifact(path, qat, DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8))
+    assert check.agreement == 1.0 and check.max_logit_diff == 0.0, check

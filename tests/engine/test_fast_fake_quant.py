@@ -313,21 +313,27 @@ def test_calibration_matches_the_old_implementation(name):
 
 def test_fake_quantize_values_equal_torchs_fused_kernels_at_ties_and_bounds():
     """Exact ties `(k + 1/2) * scale`, values one float step off them, the range ends, far
-    outside: the vectorized path rounds exactly as torch's fused kernels do."""
-    cfg = QuantConfig(feature_scale_stat_method="PerChannel")
-    q = FeatureQuantizer(cfg, 3).train()
-    q.update(torch.tensor([-0.37, 0.0, 1.3]).reshape(1, 3, 1, 1) * torch.tensor([1.0, 2.0, 7.0]).reshape(1, 3, 1, 1))
+    outside, zero points at 0, inside and at 255: the vectorized path rounds exactly as torch's
+    fused kernels do, per channel and per tensor, asymmetric and symmetric."""
+    q = FeatureQuantizer(QuantConfig(feature_scale_stat_method="PerChannel"), 3).train()
+    q.update(torch.tensor([[-0.37, 0.0], [-0.5, 1.1], [0.0, 9.1]]).T.reshape(2, 3, 1, 1))
+    assert q.zero_point.tolist() == [255, 80, 0]
     k = torch.arange(-300, 300, dtype=torch.float32) + 0.5
-    steps = (k[None, :] * q.scale[:, None]).reshape(1, 3, 1, -1)
-    x = torch.cat([steps, steps.nextafter(torch.tensor(float("inf"))), steps.nextafter(torch.tensor(-float("inf"))),
-                   torch.randn(1, 3, 1, 600) * 1e3], dim=0)
+    ties = (k[None, :] * q.scale[:, None]).reshape(1, 3, 1, -1)
+    inf = torch.tensor(float("inf"))
+    far = torch.randn(1, 3, 1, 600, generator=torch.Generator().manual_seed(5)) * 1e3
+    x = torch.cat([ties, ties.nextafter(inf), ties.nextafter(-inf), far], dim=0)
     fused = torch.fake_quantize_per_channel_affine(x, q.scale, q.zero_point, 1, q.quant_min, q.quant_max)
     assert torch.equal(q.fake_quantize(x), fused)
-    lo, hi = q.scale[0] * q.quant_min, q.scale[0] * q.quant_max
-    fused = torch.fake_quantize_per_tensor_affine(x, q.scale[:1], q.zero_point[:1], q.quant_min, q.quant_max)
-    per_tensor = FeatureQuantizer(QuantConfig()).train()
-    per_tensor.scale.copy_(q.scale[:1]), per_tensor.zero_point.copy_(q.zero_point[:1])
-    assert torch.equal(per_tensor.fake_quantize(x), fused), (lo, hi)
+    for c in range(3):
+        for symmetric in (False, True):
+            per_tensor = FeatureQuantizer(QuantConfig(symmetric_features=symmetric)).train()
+            per_tensor.scale.copy_(q.scale[c:c + 1])
+            if not symmetric:
+                per_tensor.zero_point.copy_(q.zero_point[c:c + 1])
+            fused = torch.fake_quantize_per_tensor_affine(x, per_tensor.scale, per_tensor.zero_point,
+                                                          per_tensor.quant_min, per_tensor.quant_max)
+            assert torch.equal(per_tensor.fake_quantize(x), fused), (c, symmetric)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
