@@ -85,8 +85,8 @@ def _grid_values(x: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | int,
     return q.mul_(scale)
 
 
-# Elements per block when a large per-tensor feature is fake-quantized block by block: a block
-# of input and of output stays in a core's L2 cache through the seven passes, where whole
+# Elements per block when a large per-tensor feature is fake-quantized block by block (CPU): a
+# block of input and of output stays in a core's L2 cache through the seven passes, where whole
 # tensors stream from memory seven times (a fifth to a quarter faster on MobileNetV2's
 # 224-pixel features, 2 cores).
 BLOCK = 1 << 18
@@ -283,9 +283,10 @@ class FeatureQuantizer(nn.Module):
 
     def _training_output(self, x: torch.Tensor) -> torch.Tensor:
         """`x + (q - x)`, in place on `q`: the old `x + (q - x).detach()`, bit for bit (not
-        always `q` itself in float, e.g. far outside the range). Large per-tensor features go
-        block by block (`BLOCK`)."""
-        if self.per_channel or x.numel() < 2 * BLOCK or not x.is_contiguous():
+        always `q` itself in float, e.g. far outside the range). Large per-tensor features on
+        the CPU go block by block (`BLOCK`; on a GPU, blocks would only add kernel launches)."""
+        blockwise = x.device.type == "cpu" and x.numel() >= 2 * BLOCK and x.is_contiguous()
+        if self.per_channel or not blockwise:
             return self._training_grid_values(x).sub_(x).add_(x)
         parameters = self._grid_parameters(x)
         out = torch.empty_like(x)
