@@ -13,9 +13,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .engine import FeatureScaleStatMethod, QuantConfig, ScaleUpdateMethod
-from .engine.config import QuantScheme
-from .engine.config import MAX_BITS, MIN_BITS
+from .engine.config import MAX_BITS, MIN_BITS, QuantScheme
 from .errors import ConfigError, first_sentence  # noqa: F401 - re-exported
+from .mixed_precision import budget_widths_problem
 from .paths import PACKAGE_DIR, PROJECT_ROOT, config_dir, default_outputs, in_checkout  # noqa: F401
 from .targets import check_allowed_packages, target_problem
 
@@ -87,7 +87,6 @@ class QuantSchema:
     scale_update_method: ScaleUpdateMethod = _Q.scale_update_method
     momentum: float = _Q.momentum
     symmetric_features: bool = _Q.symmetric_features
-    # per-layer weight bits: {module-name pattern: bits or "float"}, e.g. {features.0.*: 8}
     layers: Any = None  # per-layer weight bits: {module-name pattern: bits or float}, e.g. {features.0.*: 8}
     scheme: QuantScheme = _Q.scheme  # default (onnxruntime's integer kernels) | mnn (MNN's int8 runtime)
     bn_momentum: Optional[float] = _Q.bn_momentum  # torch terms; MNN's 0.99 is torch's 0.01
@@ -244,9 +243,8 @@ def check_mixed_precision(q: DictConfig, quant: QuantConfig) -> None:
     if quant.layers:
         raise ConfigError("quant.size_budget and quant.layers are not accepted together: the budget chooses "
                           "the per-layer bits; drop one of them")
-    if q.sensitivity_bits > 4 or quant.bits <= 4:
-        raise ConfigError(f"quant.size_budget needs quant.bits > 4 and quant.sensitivity_bits <= 4 (got "
-                          f"{quant.bits} and {q.sensitivity_bits}): only INT4 packing makes the artifact smaller")
+    if (problem := budget_widths_problem(quant.bits, q.sensitivity_bits)) is not None:
+        raise ConfigError(problem)
 
 
 def validate(cfg: DictConfig) -> QuantConfig:

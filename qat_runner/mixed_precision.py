@@ -82,15 +82,22 @@ def _bytes_saved(row: LayerSensitivity, high: int, low: int) -> int:
     return row.params - math.ceil(row.params / 2) if high > PACKED_BITS >= low else 0
 
 
+def budget_widths_problem(high: int, low: int) -> str | None:
+    """Why a budget cannot work with these widths (one line), or None: only INT4 packing shrinks."""
+    if low > PACKED_BITS or high <= PACKED_BITS:
+        return (f"quant.size_budget needs quant.bits > {PACKED_BITS} and quant.sensitivity_bits <= {PACKED_BITS} "
+                f"(got {high} and {low}): only INT4 packing makes the artifact smaller")
+    return None
+
+
 def choose_bits(rows: Iterable[LayerSensitivity], uniform_bytes: int, float_bytes: int, budget: float,
                 high: int, low: int) -> dict[str, int]:
     """Per-layer bits that fit `budget` x `float_bytes`, giving up the least accuracy per byte.
 
     `uniform_bytes` is the artifact's size with every layer at `high` bits.
     """
-    if low > PACKED_BITS or high <= PACKED_BITS:
-        raise ConfigError(f"quant.size_budget needs quant.bits > {PACKED_BITS} and quant.sensitivity_bits <= "
-                          f"{PACKED_BITS} (got {high} and {low}): only INT4 packing makes an artifact smaller")
+    if (problem := budget_widths_problem(high, low)) is not None:
+        raise ConfigError(problem)
     rows = list(rows)
     target = budget * float_bytes
     order = sorted(rows, key=lambda r: (max(r.drop, 0.0) / max(_bytes_saved(r, high, low), 1),

@@ -26,7 +26,7 @@ from . import float_cache, tracking
 from .artifact import check_artifact, integer_kernel_count
 from .config import ConfigError, first_sentence, resolve_device, validate
 from .data import DataSplits
-from .engine import QuantConfig, calibrate, freeze_bn_stats, format_report, quantization_report, turn_quantize
+from .engine import QuantConfig, calibrate, check_quantizable, freeze_bn_stats, format_report, quantization_report, turn_quantize
 from .engine.export import export_float_onnx, export_int8_onnx
 from .engine.files import write_text_atomically
 from .mixed_precision import plan_layers
@@ -82,7 +82,7 @@ def build_model(node: DictConfig) -> torch.nn.Module:
 def check_traceable(model: torch.nn.Module, quant) -> None:
     """Refuse, before any training, a model torch.fx cannot trace: the error names the layer and line."""
     try:
-        turn_quantize(model, quant)
+        check_quantizable(model, quant)
     except TypeError as err:
         raise ConfigError(str(err)) from None
     except ValueError as err:  # a quant.layers pattern that matches no layer

@@ -13,11 +13,11 @@ from .integer import to_integer_model
 from .mnn_quant import MnnFeatureQuantizer
 from .modules import QuantConv2d, QuantLayer, QuantLinear, freeze_bn_stats
 from .report import LayerReport, format_report, quantization_report
-from .transform import turn_quantize
+from .transform import check_quantizable, turn_quantize
 
 __all__ = [
     "FeatureQuantizer", "FeatureScaleStatMethod", "LayerReport", "MnnFeatureQuantizer", "QuantConfig",
-    "QuantConv2d", "QuantLayer", "QuantLinear", "QuantScheme", "ScaleUpdateMethod", "calibrate",
+    "QuantConv2d", "QuantLayer", "QuantLinear", "QuantScheme", "ScaleUpdateMethod", "calibrate", "check_quantizable",
     "fake_quantize_weight", "freeze_bn_stats",
     "export_float_onnx", "export_int8_onnx", "format_report", "quantization_report", "quantize_weight",
     "to_integer_model", "turn_quantize", "weight_scale",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .config import QuantConfig, QuantScheme, ScaleUpdateMethod
-from .fake_quant import FEATURE_SCALE_FLOOR, WEIGHT_SCALE_FLOOR, FeatureQuantizer, _StraightThrough, weight_limit
+from .fake_quant import FEATURE_SCALE_FLOOR, FeatureQuantizer, _channel_view, _StraightThrough, weight_limit, weight_scale
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -31,8 +31,8 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
 def mnn_weight_integers(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel symmetric integers (roundf of w * (1/s)) and the scales s = max|W_c| / L."""
     limit = weight_limit(bits)
-    scale = weight.detach().abs().flatten(1).amax(dim=1).clamp(min=WEIGHT_SCALE_FLOOR) / limit
-    inv = (1.0 / scale).reshape((-1,) + (1,) * (weight.dim() - 1))
+    scale = weight_scale(weight, bits)
+    inv = _channel_view(1.0 / scale, weight.dim())
     return round_half_away(weight.detach() * inv).clamp_(-limit, limit), scale
 
 
@@ -40,7 +40,7 @@ def mnn_fake_quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """MNN's weight fake quantization, with a straight-through gradient."""
     def grid(w: torch.Tensor) -> torch.Tensor:
         q, scale = mnn_weight_integers(w, bits)
-        return q * scale.reshape((-1,) + (1,) * (w.dim() - 1))
+        return q * _channel_view(scale, w.dim())
 
     return _StraightThrough.apply(weight, grid)
 
@@ -63,11 +63,17 @@ class MnnFeatureQuantizer(FeatureQuantizer):
         zero_point = round_half_away(self.quant_min - lo / scale).clamp(self.quant_min, self.quant_max)
         return scale, zero_point
 
-    @torch.no_grad()
+    @staticmethod
+    def _batch_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = torch.aminmax(x.detach())
+        return lo.reshape(1), hi.reshape(1)
+
     def update(self, x: torch.Tensor) -> None:
         """MNN's running range: MovingAverage (first batch as is) or Maximum of both ends."""
-        lo, hi = torch.aminmax(x.detach())
-        lo, hi = lo.reshape(1), hi.reshape(1)
+        self._fold_batch_range(*self._batch_range(x))
+
+    @torch.no_grad()
+    def _fold_batch_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if not (torch.isfinite(lo) & torch.isfinite(hi)).all():
             return  # the training loop reports the non-finite loss; the range stays as it was
         if int(self.num_updates) > 0:
@@ -95,11 +101,11 @@ class MnnFeatureQuantizer(FeatureQuantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training or self.observing):
             return self.fake_quantize(x)
-        self.update(x)
+        lo, hi = self._batch_range(x)
+        self._fold_batch_range(lo, hi)
         if self.observing:
             return self.fake_quantize(x)
-        lo, hi = torch.aminmax(x.detach())  # MNN trains on each batch's own range
-        scale, zero_point = self._scale_zero_point(lo.reshape(1), hi.reshape(1))
+        scale, zero_point = self._scale_zero_point(lo, hi)  # MNN trains on each batch's own range
         return _StraightThrough.apply(x, lambda v: self._grid(v, scale, zero_point))
 
     def extra_repr(self) -> str:

@@ -329,6 +329,20 @@ def trace_error_message(model: nn.Module, err: Exception) -> str:
             f"`{(line.line or '').strip()}`): {cause}")
 
 
+def _trace(model: nn.Module) -> fx.GraphModule:
+    """torch.fx's graph of `model`; a TypeError naming the layer and line where tracing fails."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as err:  # fx raises many types; the user needs the layer, the line and the cause
+        raise TypeError(trace_error_message(model, err)) from err
+
+
+def check_quantizable(model: nn.Module, config: QuantConfig) -> None:
+    """What `turn_quantize(model, config)` would refuse about the model, without building the QAT
+    model: TypeError if torch.fx cannot trace it, ValueError for a `layers` pattern matching no layer."""
+    _check_layer_patterns(_trace(model), config)  # tracing leaves the model as it is
+
+
 def turn_quantize(model: nn.Module, config: QuantConfig | None = None, **settings: object) -> fx.GraphModule:
     """Return a QAT copy of `model` quantized by `config`; the model passed in is left untouched.
 
@@ -349,11 +363,7 @@ def turn_quantize(model: nn.Module, config: QuantConfig | None = None, **setting
     elif not isinstance(config, QuantConfig):
         raise TypeError(f"config={config!r} is not accepted: use a QuantConfig")
     training = model.training
-    copied = copy.deepcopy(model)
-    try:
-        gm = fx.symbolic_trace(copied)
-    except Exception as err:  # fx raises many types; the user needs the layer, the line and the cause
-        raise TypeError(trace_error_message(copied, err)) from err
+    gm = _trace(copy.deepcopy(model))
     _check_layer_patterns(gm, config)
     layer_nodes = _fuse_layers(gm, config)
     _insert_input_quantizers(gm, layer_nodes, config)
