@@ -46,4 +46,6 @@ def test_mixed_bits_with_layers_of_equal_width(tmp_path):
     assert [inits[f"{name}.weight_int"] for name in low] == [TensorProto.INT4] * len(low)
     assert inits["features.0.0.weight_int"] == TensorProto.INT8
     check = check_artifact(path, qat, DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8))
-    assert check.agreement == 1.0 and check.max_logit_diff == 0.0, check
+    # INT4 layers run as float convs on dequantized weights in onnxruntime: exact on this CPU,
+    # ~1e-3 apart where torch picks other float kernels (ATEN_CPU_CAPABILITY=default)
+    assert check.agreement == 1.0 and check.max_logit_diff < 1e-2, check

@@ -244,6 +244,8 @@ def test_mnn_scheme_and_its_mnn_artifact_agree(jobs):
     run_dir, summary = _ok(jobs["mnn"]), _summary(jobs["mnn"])
     assert (run_dir / "model.int8.mnn").is_file()
     assert summary["mnn_agreement"] >= 0.995, summary
-    assert abs(summary["mnn_acc"] - summary["qat_acc"]) <= 0.002 + 1e-9, summary
+    # 360 test images: one image is 0.28 pt; the agreement bound above already allows one
+    # disagreement (MNN's int8 kernels differ by CPU), so the accuracies may differ by one image
+    assert abs(summary["mnn_acc"] - summary["qat_acc"]) <= 1 / summary["test_samples"] + 1e-9, summary
     assert summary["mnn_bytes"] < 0.30 * summary["float_bytes"], summary
     assert summary["int8_agreement"] >= 0.98, summary  # the ONNX artifact: onnxruntime's rounding
