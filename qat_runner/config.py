@@ -75,6 +75,7 @@ class FakeConfig(DatasetConfig):
 
 
 _Q = QuantConfig()  # the engine's defaults: the one place they live
+FLOAT_SCHEDULES = ("constant", "cosine")  # trainer.float_schedule
 
 
 @dataclass
@@ -110,6 +111,7 @@ class TrainerConfig:
     max_steps: int = 100  # QAT iterations
     float_steps: int = 0  # float pre-training iterations (0: the model comes in converged)
     float_lr: float = 0.05
+    float_schedule: str = "constant"  # constant | cosine (float_lr down to 0 over float_steps)
     float_cache: bool = False  # reuse the float stage of an earlier run with the same recipe
     batch_size: int = 32
     eval_batch_size: int = 256
@@ -274,6 +276,9 @@ def validate(cfg: DictConfig) -> QuantConfig:
                           "accepted: use an integer >= 1")
     if cfg.model.num_classes < 1:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes!r} is not accepted: use an integer >= 1")
+    if t.float_schedule not in FLOAT_SCHEDULES:
+        raise ConfigError(f"trainer.float_schedule={t.float_schedule!r} is not accepted: use one of "
+                          f"{', '.join(FLOAT_SCHEDULES)}")
     if not t.float_lr > 0:
         raise ConfigError(f"trainer.float_lr={t.float_lr!r} is not accepted: use a number > 0")
     lr = cfg.optim.get("lr", 1.0)  # optim is open (Any): its values are not typed by the schema

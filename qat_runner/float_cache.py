@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from .engine.files import write_atomically
 
 log = logging.getLogger(__name__)
-FLOAT_TRAINER_KEYS = ("float_steps", "float_lr", "batch_size")
+FLOAT_TRAINER_KEYS = ("float_steps", "float_lr", "float_schedule", "batch_size")
 IGNORED_DATASET_KEYS = ("num_workers", "test_limit")  # not what the float model learns from
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import torch
 from torch import fx, nn
 from torch.utils.data import DataLoader
@@ -50,6 +51,7 @@ from torch.utils.data import DataLoader
 from .engine.fake_quant import FEATURE_SCALE_FLOOR, FeatureQuantizer, _channel_view, weight_limit
 from .engine.files import write_atomically
 from .engine.integer_ops import IntegerOp
+from .engine.mnn_quant import is_mnn_depthwise, mnn_depthwise_bias, mnn_requant_scale
 from .engine.modules import QuantLayer, apply_activation
 from .mnn_compression import ActivationParams, LayerParams, WeightParams, encode_pipeline
 
@@ -82,6 +84,12 @@ def missing_mnn_message() -> str:
 # The float twin given to MNN's converter
 
 
+def test_phase_bias(p: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """The float bias the test phase adds: the dequantized int32 bias (quant=default) or the float
+    one (quant=mnn), from `QuantLayer.integer_parameters()`."""
+    return p["bias"].float() * p["bias_scale"] if p["bias"] is not None else p["float_bias"]
+
+
 class MnnConv(nn.Module):
     """One quantized layer as MNN's converter should see it: a float Conv2d holding the test
     phase's folded, dequantized weight and bias, then the layer's activation.
@@ -94,7 +102,7 @@ class MnnConv(nn.Module):
         super().__init__()
         p = layer.integer_parameters()
         weight = p["weight"].float() * _channel_view(p["weight_scale"], p["weight"].dim())
-        bias = p["bias"].float() * p["bias_scale"] if p["bias"] is not None else p["float_bias"]
+        bias = test_phase_bias(p)
         self.from_linear = isinstance(layer.layer, nn.Linear)
         if self.from_linear:
             conv = nn.Conv2d(layer.layer.in_features, layer.layer.out_features, 1)
@@ -274,6 +282,41 @@ def compression_layers(proto: onnx.ModelProto, layers: dict[str, QuantLayer]) ->
                         params(s.output, s.layer.output_quant)) for s in sites]
 
 
+def mnn_float_bias(layer: QuantLayer, params: LayerParams) -> np.ndarray:
+    """The float bias to give MNN's converter for a depthwise `layer` so that MNN's int32 bias is
+    `mnn_depthwise_bias` (rounded, as the test phase uses), not MNN's truncation of the true
+    bias: MNN computes `trunc(b / (s_in * alpha)) + trunc(zp_out / scale)` in float32, so b is put
+    in the middle of the unit interval that truncates to the integer we want."""
+    p = layer.integer_parameters()
+    input_scale = torch.tensor(params.input.scale, dtype=torch.float32)
+    output_scale = torch.tensor(params.output.scale, dtype=torch.float32)
+    zero_point = params.output.zero_point
+    scale = mnn_requant_scale(p["weight_scale"], input_scale, output_scale)
+    target = mnn_depthwise_bias(test_phase_bias(p), p["weight_scale"], input_scale, scale, zero_point)
+    unit = input_scale * p["weight_scale"].float().abs().clamp(min=1e-6)
+    wanted = target - torch.trunc(torch.tensor(float(zero_point)) / scale)
+    bias = ((wanted.double() + 0.5 * torch.sign(wanted.double())) * unit.double()).float()
+    if not torch.equal(torch.trunc(bias / unit), wanted):  # as MNN will compute it
+        raise MnnExportError(f"{params.output.name}: no float32 bias gives MNN's int32 bias exactly")
+    return bias.numpy()
+
+
+def set_mnn_biases(proto: onnx.ModelProto, layers: dict[str, QuantLayer], params: list[LayerParams]) -> None:
+    """Replace each depthwise Conv's bias initializer in the twin's graph by `mnn_float_bias`
+    (MNN's other int8 convolutions use the float bias as it is)."""
+    sites = conv_sites(proto, layers)
+    bias_of = {node.input[1]: node.input[2] for node in proto.graph.node
+               if node.op_type == "Conv" and len(node.input) > 2}
+    initializers = {init.name: init for init in proto.graph.initializer}
+    for site, layer_params in zip(sites, params, strict=True):
+        if not is_mnn_depthwise(site.layer.layer):
+            continue
+        init = initializers.get(bias_of.get(site.weight, ""))
+        if init is None:
+            raise MnnExportError(f"the float twin's Conv of {site.weight} has no bias initializer")
+        init.CopyFrom(numpy_helper.from_array(mnn_float_bias(site.layer, layer_params), init.name))
+
+
 # --------------------------------------------------------------------------------------------
 # MNN's converter, in a child process
 
@@ -336,6 +379,7 @@ def export_int8_mnn(qat_model: fx.GraphModule, example_input: torch.Tensor, path
     qat_model.eval()
     proto = export_twin_onnx(float_twin(qat_model), example_input)
     params = compression_layers(proto, layers)
+    set_mnn_biases(proto, layers, params)
     with tempfile.TemporaryDirectory(prefix="qat_mnn_") as tmp:
         work = Path(tmp)
         onnx.save(proto, work / "float_twin.onnx")

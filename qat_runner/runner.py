@@ -217,6 +217,13 @@ class Start:
             restore_rng_state(self.rng)
 
 
+def float_scheduler(t: DictConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The float stage's lr schedule (`trainer.float_schedule`): None for constant."""
+    if t.float_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.float_steps)
+    return None
+
+
 def resumed_start(cfg: DictConfig, checkpoint: dict, model: torch.nn.Module,
                   make_qat: Callable[[tuple | None], torch.nn.Module]) -> Start:
     """The state saved in `checkpoint`, loaded into this config's model and optimizer; everything
@@ -249,7 +256,7 @@ def fresh_start(cfg: DictConfig, model: torch.nn.Module, make_qat: Callable[[tup
         optimizer = instantiate(cfg.optim, lr=t.float_lr)(model.parameters())
         train(model, stream(FLOAT_STREAM), optimizer, t.float_steps, device, "float training",
               lambda s, loss, acc: tracking.log_metrics({"float_train_loss": loss, "float_train_acc": acc}, step=s),
-              t.log_every)
+              t.log_every, scheduler=float_scheduler(t, optimizer))
         if t.float_cache:
             float_cache.save(cfg, model)
     float_acc = evaluate(model, test_batches, device)

@@ -90,14 +90,16 @@ class TrainResult:
 def train(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, steps: int,
           device: torch.device, desc: str, log_step: StepLogger | None = None, log_every: int = 10,
           start_step: int = 0, checkpointer: Checkpointer | None = None,
-          before_step: Callable[[int], None] | None = None) -> TrainResult:
+          before_step: Callable[[int], None] | None = None,
+          scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> TrainResult:
     """Train from step `start_step` to `steps` with cross-entropy; `loader` yields the batches.
 
     `checkpointer` keeps periodic checkpoints and saves one more on Ctrl-C/SIGTERM before the
     interrupt propagates. A NaN/inf loss raises NonFiniteLossError at its step, before the
     optimizer applies it, and so do non-finite gradients; the checkpoint on disk is then the last
     one known to be good. The error names the likely cause (learning rate, data or numerics).
-    `before_step(step)` runs before each step (the runner freezes BatchNorm statistics there).
+    `before_step(step)` runs before each step (the runner freezes BatchNorm statistics there);
+    `scheduler` (the float stage's lr schedule) steps after each optimizer step.
     """
     model.train()
     start, loss_value, done = time.perf_counter(), math.nan, start_step
@@ -131,6 +133,8 @@ def train(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer
                 if not math.isfinite(largest_grad):  # checked before the step: the weights stay good
                     raise stop(f"a gradient is {largest_grad} (loss {loss_value:.4g})", step, inputs)
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 done = step
                 bar.update()
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")

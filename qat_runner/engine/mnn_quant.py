@@ -28,6 +28,36 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
+def mnn_requant_scale(weight_scale: torch.Tensor, input_scale: torch.Tensor,
+                      output_scale: torch.Tensor) -> torch.Tensor:
+    """MNN's per-channel float32 factor from int32 accumulator to output codes,
+    `alpha_c * (s_in / s_out)` (`CPUConvolution::updateInputOutputScale`; |alpha| < 1e-6 -> 1e-6)."""
+    alpha = weight_scale.float().abs().clamp(min=1e-6)
+    return alpha * (input_scale.float() / output_scale.float()).reshape(())
+
+
+def mnn_depthwise_bias(float_bias: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
+                       scale: torch.Tensor, output_zero_point: int) -> torch.Tensor:
+    """The int32 bias of MNN's int8 depthwise convolution, which carries the float bias and the
+    output zero point: output code = `roundf((acc + B_c) * scale_c)`, no zero point added after.
+
+    MNN computes `B_c = trunc(b_c / (s_in * alpha_c)) + trunc(zp_out / scale_c)`: its truncations
+    shift a channel by up to 2 * scale_c codes (more than a code where a folded weight scale is
+    large). We take B_c rounded from the exact sum instead, and the MNN export writes a float bias
+    that MNN's truncation turns into exactly this B_c (`mnn_export.mnn_float_bias`). MNN's other
+    int8 convolutions (its GEMM kernels) add the float bias as it is: `acc * scale + b / s_out + zp`.
+    """
+    alpha = weight_scale.double().abs().clamp(min=1e-6)
+    exact = float_bias.double() / (input_scale.double() * alpha) + float(output_zero_point) / scale.double()
+    return round_half_away(exact).float()
+
+
+def is_mnn_depthwise(layer: torch.nn.Module) -> bool:
+    """MNN's converter makes a ConvolutionDepthwise of a Conv with groups == channels in == out."""
+    return (isinstance(layer, torch.nn.Conv2d) and layer.groups > 1
+            and layer.groups == layer.in_channels == layer.out_channels)
+
+
 def mnn_weight_integers(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel symmetric integers (roundf of w * (1/s)) and the scales s = max|W_c| / L."""
     limit = weight_limit(bits)

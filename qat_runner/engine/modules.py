@@ -20,7 +20,15 @@ from .fake_quant import (
     quantize_weight,
 )
 from .integer_layers import integer_kernel_output
-from .mnn_quant import feature_quantizer, mnn_fake_quantize_weight, mnn_weight_integers
+from .mnn_quant import (
+    feature_quantizer,
+    is_mnn_depthwise,
+    mnn_depthwise_bias,
+    mnn_fake_quantize_weight,
+    mnn_requant_scale,
+    mnn_weight_integers,
+    round_half_away,
+)
 
 ACTIVATIONS = ("relu", "relu6")
 
@@ -124,11 +132,45 @@ class QuantLayer(nn.Module):
             return self.output_quant(apply_activation(y, self.activation, inplace=True))
         if not self.mnn and (y := integer_kernel_output(self, x)) is not None:  # QLinearConv / QGemm, exactly
             return self.output_quant(y)
+        if self.mnn and self._mnn_integer_path():
+            return self._mnn_integer_output(x)
         p = self.integer_parameters()
         weight = p["weight"].to(x.dtype) * _channel_view(p["weight_scale"], p["weight"].dim())
         bias = p["bias"].to(x.dtype) * p["bias_scale"] if p["bias"] is not None else p["float_bias"]
         y = apply_weights(self.layer, x, weight, bias)
         return self.output_quant(apply_activation(y, self.activation))
+
+    def _mnn_integer_path(self) -> bool:
+        """The test phase of quant=mnn runs MNN's int8 convolution where both features are frozen
+        (not calibrating) and quantized, as they are in the .mnn."""
+        quants = (self.input_quant, self.output_quant)
+        return all(q is not None and not (q.training or q.observing) for q in quants)
+
+    def _mnn_integer_output(self, x: torch.Tensor) -> torch.Tensor:
+        """MNN 3.6.1's int8 convolution on x86, exactly: the int32 accumulator of integer weights
+        and centred input codes (x is on the input grid), then to output codes with MNN's float32
+        scale (`mnn_requant_scale`) -- a depthwise kernel adds its int32 bias first
+        (`mnn_depthwise_bias`), the others add `b / s_out + zp` in float -- roundf, clamped to
+        the output codes (from the zero point after a ReLU; ReLU6's upper end is the range's,
+        which never exceeds 6); returned dequantized."""
+        q_in, q_out = self.input_quant, self.output_quant
+        p = self.integer_parameters()
+        centred = torch.round(x * (1.0 / q_in.scale))  # q - zp of the input, exact integers
+        acc = torch.round(apply_weights(self.layer, centred, p["weight"].to(x.dtype), None))
+        shape = [1] * acc.dim()
+        shape[self.channel_axis] = -1
+        zero_point = int(q_out.zero_point)
+        scale = mnn_requant_scale(p["weight_scale"], q_in.scale, q_out.scale)
+        if is_mnn_depthwise(self.layer):
+            bias = mnn_depthwise_bias(p["float_bias"], p["weight_scale"], q_in.scale, scale, zero_point)
+            codes = (acc + bias.view(shape)) * scale.view(shape)
+        else:
+            offset = p["float_bias"].float() / q_out.scale.float() + zero_point
+            codes = acc * scale.view(shape) + offset.view(shape)
+        codes = round_half_away(codes)
+        low = zero_point if self.activation is not None else q_out.quant_min
+        codes = codes.clamp_(low, q_out.quant_max)
+        return (codes - zero_point) * q_out.scale.to(x.dtype)
 
     def _batch_norm(self, y: torch.Tensor) -> torch.Tensor:
         """Training BatchNorm: batch statistics, or the frozen running ones (`freeze_bn_stats`)."""

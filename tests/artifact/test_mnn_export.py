@@ -8,6 +8,7 @@ import json
 import struct
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -249,6 +250,80 @@ def test_failed_export_leaves_no_file(mnn_run, digits_split, tmp_path, monkeypat
     with pytest.raises(MnnExportError, match="simulated"):
         export_int8_mnn(mnn_run[0], digits_split.x_test[:2], tmp_path / MNN_FILE)
     assert list(tmp_path.iterdir()) == []
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's pattern: conv+ReLU6, depthwise conv+ReLU6, 1x1 projection, residual add,
+    global average pool, classifier. One depthwise channel has 10x the weights (as BatchNorm
+    folding makes), where MNN's own truncation of its int32 bias shifts codes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU6())
+        self.project = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 10)
+        with torch.no_grad():
+            self.depthwise[0].weight[2] *= 10
+            self.depthwise[0].bias[2] = 0.37
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.project(self.depthwise(x))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@needs_mnn
+def test_mnn_scheme_computes_mnns_int8_kernels_code_for_code(tmp_path):
+    """quant=mnn's test phase and MNN 3.6.1's runtime give the same int8 codes, tensor by tensor:
+    depthwise and GEMM kernels, the residual add and the pooled classifier input."""
+    from qat_runner.engine import QuantLayer, calibrate, turn_quantize
+    from qat_runner.mnn_export import INPUT_NAME, OUTPUT_NAME, conv_sites, export_twin_onnx, float_twin, import_mnn
+
+    torch.manual_seed(0)
+    qat = turn_quantize(_InvertedResidual().eval(), QuantConfig(scheme="mnn"))
+    inputs = torch.randn(64, 3, 8, 8)
+    calibrate(qat, [(inputs[i:i + 16], torch.zeros(16, dtype=torch.long)) for i in range(0, 64, 16)], 4)
+    qat.eval()
+    path = export_int8_mnn(qat, inputs[:2], tmp_path / MNN_FILE)
+    layers = {name: m for name, m in qat.named_modules() if isinstance(m, QuantLayer)}
+    sites = conv_sites(export_twin_onnx(float_twin(qat), inputs[:2]), layers)
+    ours = {}
+    for site in sites:
+        site.layer.register_forward_hook(lambda m, i, o, name=site.output: ours.__setitem__(name, o))
+    with torch.no_grad():
+        logits = qat(inputs)
+    mnn = import_mnn()
+    x = mnn.expr.const(inputs.numpy(), list(inputs.shape), mnn.expr.NCHW)
+    for site in sites:
+        module = mnn.nn.load_module_from_file(str(path), [INPUT_NAME], [site.output])
+        out = module.forward([x])[0]
+        if out.data_format == mnn.expr.NC4HW4:
+            out = mnn.expr.convert(out, mnn.expr.NCHW)
+        theirs = torch.from_numpy(np.asarray(out.read(), dtype=np.float32).copy()).reshape(ours[site.output].shape)
+        scale = site.layer.output_quant.scale
+        differ = (theirs - ours[site.output]).abs() > scale / 2
+        # measured: 1-2 codes of 32,768 (float ties); MNN's truncated depthwise bias: 0.07%, 0.4%
+        # of the large channel; the float path (dequantize, conv, quantize): 0.2% of conv2d_2
+        assert differ.float().mean().item() <= 3e-4, f"{site.output}: {differ.float().mean():.3%} differ from MNN"
+        assert differ[:, 2].float().mean().item() <= 1e-3, f"{site.output}: the large channel differs"
+    check = check_mnn_artifact(path, qat, [(inputs, torch.zeros(64, dtype=torch.long))])
+    assert check.agreement == 1.0, check
+
+
+@needs_mnn
+def test_default_scheme_with_a_depthwise_conv_ships_an_mnn(tmp_path):
+    """quant=default's int32 bias goes to MNN's depthwise kernel the same way (a regression: the
+    export once read only quant=mnn's float bias)."""
+    from qat_runner.engine import calibrate, turn_quantize
+
+    torch.manual_seed(0)
+    qat = turn_quantize(_InvertedResidual().eval())
+    inputs = torch.randn(64, 3, 8, 8)
+    calibrate(qat, [(inputs, torch.zeros(64, dtype=torch.long))], 1)
+    path = export_int8_mnn(qat.eval(), inputs[:2], tmp_path / MNN_FILE)
+    check = check_mnn_artifact(path, qat, [(inputs, torch.zeros(64, dtype=torch.long))])
+    assert check.agreement >= 0.95, check
 
 
 # --------------------------------------------------------------------------------------------

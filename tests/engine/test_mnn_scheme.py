@@ -95,3 +95,48 @@ def test_frozen_batch_norm_keeps_its_statistics():
     qat(x).sum().backward()
     assert torch.equal(bn.running_mean, moved)
     assert qat.get_submodule("0").layer.weight.grad is not None
+
+
+def test_depthwise_bias_is_the_rounded_sum_mnn_truncates():
+    """MNN folds the float bias and the output zero point into one int32 bias by truncating each
+    part; ours rounds the exact sum (a folded weight scale of 2 makes a unit 1.6 codes wide)."""
+    from qat_runner.engine.mnn_quant import mnn_depthwise_bias, mnn_requant_scale
+
+    weight_scale, s_in, s_out = torch.tensor([2.0, 0.01]), torch.tensor(0.019), torch.tensor(0.024)
+    bias, zero_point = torch.tensor([0.9, -0.013]), -127
+    scale = mnn_requant_scale(weight_scale, s_in, s_out)
+    assert torch.allclose(scale, weight_scale * 0.019 / 0.024)
+    got = mnn_depthwise_bias(bias, weight_scale, s_in, scale, zero_point)
+    exact = bias.double() / (0.019 * weight_scale.double()) + zero_point / scale.double()
+    assert torch.equal(got.double(), round_half_away(exact))
+    truncated = torch.trunc(bias / (s_in * weight_scale)) + torch.trunc(zero_point / scale)
+    assert not torch.equal(got, truncated)  # this case is one where MNN's own rounding loses
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_test_phase_is_mnns_integer_convolution(groups):
+    """Eval mode computes MNN's int8 kernel (`QuantLayer._mnn_integer_output`): the int32
+    accumulator of centred input codes, then a depthwise kernel's `(acc + B) * scale` or a GEMM's
+    `acc * scale + b / s_out + zp`, roundf: within a code of the float computation, on the grid."""
+    from qat_runner.engine.modules import apply_activation
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, groups=groups),
+                        nn.BatchNorm2d(4), nn.ReLU6())
+    qat = turn_quantize(net.eval(), MNN)
+    batches = [(torch.randn(8, 4, 6, 6), torch.zeros(8, dtype=torch.long))] * 3
+    calibrate(qat, batches, 3)
+    qat.eval()
+    layer = [m for m in qat.modules() if isinstance(m, QuantLayer)][1]
+    seen = {}
+    layer.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+    with torch.no_grad():
+        qat(batches[0][0])
+        p = layer.integer_parameters()
+        weight = p["weight"].float() * p["weight_scale"].view(-1, 1, 1, 1)
+        reference = layer.output_quant.fake_quantize(
+            apply_activation(layer.layer._conv_forward(seen["x"], weight, p["float_bias"]), layer.activation))
+    q = layer.output_quant
+    codes = seen["y"] / q.scale
+    assert torch.allclose(codes, codes.round(), atol=1e-3)  # on the output grid
+    assert (seen["y"] - reference).abs().max() <= q.scale * 1.001  # at most one code from the float path

@@ -272,6 +272,7 @@ def test_schema_rejects_unknown_key(compose_cfg):
     ("quant.momentum=0.0", "quant.momentum=0.0"),
     ("trainer.max_steps=-1", "trainer.max_steps=-1"),
     ("trainer.batch_size=0", "trainer.batch_size=0"),
+    ("trainer.float_schedule=linear", "trainer.float_schedule='linear' is not accepted: use one of constant, cosine"),
     ("quant.calibration_batches=0", "quant.calibration_batches=0"),
     ("optim.lr=0", "optim.lr=0"),
     ("trainer.device=tpu", "trainer.device='tpu'"),
@@ -285,3 +286,22 @@ def test_validate_rejects_bad_values(compose_cfg, override, needle):
     message = str(info.value)
     assert needle in message, message
     assert "\n" not in message, "config errors are one line"
+
+
+
+def test_float_schedule_builds_what_the_config_names(compose_cfg):
+    """trainer.float_schedule=cosine anneals float_lr to 0 over float_steps; constant keeps it."""
+    from qat_runner.runner import float_scheduler
+
+    cfg = compose_cfg(["trainer.float_schedule=cosine", "trainer.float_steps=4"])
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=cfg.trainer.float_lr)
+    schedule = float_scheduler(cfg.trainer, optimizer)
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(cfg.trainer.float_lr) and lrs == sorted(lrs, reverse=True)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert float_scheduler(compose_cfg([]).trainer, optimizer) is None  # constant, the default

@@ -30,7 +30,8 @@ def test_key_follows_what_the_float_stage_depends_on(tmp_path):
     # the float stage runs at trainer.float_lr and never sees the test split or the QAT settings
     for same in (["optim.lr=0.5"], ["quant.bits=4"], ["trainer.max_steps=7"], ["dataset.num_workers=1"]):
         assert float_cache.cache_file(_cfg(tmp_path, *same)) == base, same
-    for other in (["trainer.float_lr=0.01"], ["trainer.float_steps=10"], ["seed=1"], ["optim=adam"],
+    for other in (["trainer.float_lr=0.01"], ["trainer.float_steps=10"], ["trainer.float_schedule=cosine"],
+                  ["seed=1"], ["optim=adam"],
                   ["trainer.batch_size=16"], ["dataset.test_fraction=0.3"]):
         assert float_cache.cache_file(_cfg(tmp_path, *other)) != base, other
 
