@@ -9,6 +9,8 @@ test-phase logits (`torch.equal`, not a tolerance), for every feature option.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -347,3 +349,22 @@ def test_weight_fake_quant_values_and_gradient_match_the_fused_kernel(bits):
     seed = torch.randn(weight.shape, generator=g)
     y_new.backward(seed), y_old.backward(seed)
     assert torch.equal(w_new.grad, w_old.grad)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("method", ["MovingAverage", "Maximum"])
+def test_host_range_update_equals_the_tensor_one(symmetric, method):
+    """`_update_on_host` (per tensor, CPU: float32 scalars) ends with the buffers of
+    `_update_with_tensors`, bit for bit, through a non-finite first batch, outgrown batches,
+    all-positive and all-negative ones, zeros and ordinary ones."""
+    config = QuantConfig(symmetric_features=symmetric, scale_update_method=method, momentum=0.9)
+    host, tensors = FeatureQuantizer(config), FeatureQuantizer(config)
+    torch.manual_seed(0)
+    batches = [torch.tensor([float("nan"), 1.0]), torch.tensor([-math.inf, 2.0]), torch.randn(64),
+               torch.randn(64) * 10, torch.rand(64) + 0.5, -torch.rand(64) - 3.0, torch.zeros(8)]
+    batches += [torch.randn(256) * s for s in torch.rand(20).tolist()]
+    for x in batches:
+        host._update_on_host(x)
+        tensors._update_with_tensors(x)
+        for name, buffer in host.named_buffers():
+            assert torch.equal(buffer, tensors.get_buffer(name)), (name, buffer, tensors.get_buffer(name))
