@@ -9,7 +9,8 @@ the same running range, so the model that trains is the model that is tested and
 
 Training cost: the fake quantization is a few in-place vectorized torch ops (`_grid_values`), the
 straight-through gradient a custom autograd function (`_StraightThrough`), the range update a
-handful of ops on tiny tensors without a host sync. The values are bit for bit those of torch's
+few float32 scalar operations on the CPU (per tensor) or a handful of ops on tiny tensors without
+a host sync elsewhere. The values are bit for bit those of torch's
 fused `fake_quantize_per_*_affine` kernels and of the graph-built `x + (q - x).detach()` used
 before (tests/engine/test_fast_fake_quant.py), at a fraction of the time: those kernels are scalar
 loops that also write a gradient mask, and the graph version allocated two more feature-sized
