@@ -68,7 +68,7 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def _grid_values(x: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | int,
+def _grid_values(x: torch.Tensor, scale: torch.Tensor | float, low: torch.Tensor | int,
                  high: torch.Tensor | int, out: torch.Tensor | None = None) -> torch.Tensor:
     """`clamp(round(x * (1/scale)), low, high) * scale`, with `low, high = qmin - zp, qmax - zp`.
 
@@ -76,10 +76,12 @@ def _grid_values(x: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | int,
     same float product `x * (1/scale)` rounded half to even, and `n * scale` is correctly rounded
     in float as the kernels' double product cast back is. Five vectorized passes over one new
     tensor (or `out`), against the kernels' scalar loop (per channel: a division per element,
-    two loops) that also writes a gradient mask. `scale`, `low` and `high` broadcast against `x`.
+    two loops) that also writes a gradient mask. `scale`, `low` and `high` broadcast against `x`;
+    a float `scale` (a float32 value) is used as a scalar, with its float32 reciprocal.
     Non-finite inputs stay non-finite (the kernels' int64 cast of NaN or inf is undefined).
     """
-    q = torch.mul(x, torch.reciprocal(scale), out=out).round_()
+    inv = torch.reciprocal(scale) if isinstance(scale, torch.Tensor) else float(np.float32(1.0) / np.float32(scale))
+    q = torch.mul(x, inv, out=out).round_()
     if isinstance(low, torch.Tensor):
         q.clamp_min_(low).clamp_max_(high)  # one clamp_ with tensor bounds is 3x slower than these two
     else:
@@ -324,8 +326,13 @@ class FeatureQuantizer(nn.Module):
             shape[self._axis(x)] = -1
         return shape
 
-    def _grid_parameters(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int, torch.Tensor | int]:
-        """Scale and integer bounds (`qmin - zp`, `qmax - zp`) of `_grid_values` for `x`."""
+    def _grid_parameters(self, x: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | int, torch.Tensor | int]:
+        """Scale and integer bounds (`qmin - zp`, `qmax - zp`) of `_grid_values` for `x`: Python
+        numbers for a per-tensor range on the CPU (reading them is free there, and scalar operands
+        save three small ops per step), else tensors (no host sync on a GPU)."""
+        if x.device.type == "cpu" and not self.per_channel:
+            zero = int(self.zero_point)
+            return float(self.scale), self.quant_min - zero, self.quant_max - zero
         scale, zero = self.scale, self.zero_point
         if self.per_channel:  # per tensor, shape (1,) broadcasts as it is
             shape = self._grid_shape(x)
