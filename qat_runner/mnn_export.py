@@ -51,8 +51,8 @@ from torch.utils.data import DataLoader
 from .engine.fake_quant import FEATURE_SCALE_FLOOR, FeatureQuantizer, _channel_view, weight_limit
 from .engine.files import write_atomically
 from .engine.integer_ops import IntegerOp
-from .engine.mnn_quant import is_mnn_depthwise, mnn_depthwise_bias, mnn_requant_scale
-from .engine.modules import QuantLayer, apply_activation
+from .engine.mnn_quant import is_mnn_depthwise, mnn_alpha, mnn_depthwise_bias, mnn_requant_scale
+from .engine.modules import QuantLayer, apply_activation, dequantized_bias
 from .mnn_compression import ActivationParams, LayerParams, WeightParams, encode_pipeline
 
 MNN_FILE = "model.int8.mnn"
@@ -84,12 +84,6 @@ def missing_mnn_message() -> str:
 # The float twin given to MNN's converter
 
 
-def test_phase_bias(p: dict[str, torch.Tensor | None]) -> torch.Tensor:
-    """The float bias the test phase adds: the dequantized int32 bias (quant=default) or the float
-    one (quant=mnn), from `QuantLayer.integer_parameters()`."""
-    return p["bias"].float() * p["bias_scale"] if p["bias"] is not None else p["float_bias"]
-
-
 class MnnConv(nn.Module):
     """One quantized layer as MNN's converter should see it: a float Conv2d holding the test
     phase's folded, dequantized weight and bias, then the layer's activation.
@@ -102,7 +96,7 @@ class MnnConv(nn.Module):
         super().__init__()
         p = layer.integer_parameters()
         weight = p["weight"].float() * _channel_view(p["weight_scale"], p["weight"].dim())
-        bias = test_phase_bias(p)
+        bias = dequantized_bias(p)
         self.from_linear = isinstance(layer.layer, nn.Linear)
         if self.from_linear:
             conv = nn.Conv2d(layer.layer.in_features, layer.layer.out_features, 1)
@@ -292,8 +286,8 @@ def mnn_float_bias(layer: QuantLayer, params: LayerParams) -> np.ndarray:
     output_scale = torch.tensor(params.output.scale, dtype=torch.float32)
     zero_point = params.output.zero_point
     scale = mnn_requant_scale(p["weight_scale"], input_scale, output_scale)
-    target = mnn_depthwise_bias(test_phase_bias(p), p["weight_scale"], input_scale, scale, zero_point)
-    unit = input_scale * p["weight_scale"].float().abs().clamp(min=1e-6)
+    target = mnn_depthwise_bias(dequantized_bias(p), p["weight_scale"], input_scale, scale, zero_point)
+    unit = input_scale * mnn_alpha(p["weight_scale"])
     wanted = target - torch.trunc(torch.tensor(float(zero_point)) / scale)
     bias = ((wanted.double() + 0.5 * torch.sign(wanted.double())) * unit.double()).float()
     if not torch.equal(torch.trunc(bias / unit), wanted):  # as MNN will compute it

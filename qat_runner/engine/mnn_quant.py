@@ -28,12 +28,16 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
+def mnn_alpha(weight_scale: torch.Tensor) -> torch.Tensor:
+    """A weight scale as MNN's int8 convolution uses it: float32, |alpha| < 1e-6 becomes 1e-6
+    (`CPUConvolution::updateInputOutputScale`)."""
+    return weight_scale.float().abs().clamp(min=1e-6)
+
+
 def mnn_requant_scale(weight_scale: torch.Tensor, input_scale: torch.Tensor,
                       output_scale: torch.Tensor) -> torch.Tensor:
-    """MNN's per-channel float32 factor from int32 accumulator to output codes,
-    `alpha_c * (s_in / s_out)` (`CPUConvolution::updateInputOutputScale`; |alpha| < 1e-6 -> 1e-6)."""
-    alpha = weight_scale.float().abs().clamp(min=1e-6)
-    return alpha * (input_scale.float() / output_scale.float()).reshape(())
+    """MNN's per-channel float32 factor from int32 accumulator to output codes, `alpha_c * (s_in / s_out)`."""
+    return mnn_alpha(weight_scale) * (input_scale.float() / output_scale.float()).reshape(())
 
 
 def mnn_depthwise_bias(float_bias: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
@@ -47,7 +51,7 @@ def mnn_depthwise_bias(float_bias: torch.Tensor, weight_scale: torch.Tensor, inp
     that MNN's truncation turns into exactly this B_c (`mnn_export.mnn_float_bias`). MNN's other
     int8 convolutions (its GEMM kernels) add the float bias as it is: `acc * scale + b / s_out + zp`.
     """
-    alpha = weight_scale.double().abs().clamp(min=1e-6)
+    alpha = mnn_alpha(weight_scale).double()
     exact = float_bias.double() / (input_scale.double() * alpha) + float(output_zero_point) / scale.double()
     return round_half_away(exact).float()
 

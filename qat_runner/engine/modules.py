@@ -41,6 +41,12 @@ def apply_weights(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, weight: torch.T
     return F.linear(x, weight, bias)
 
 
+def dequantized_bias(p: dict[str, torch.Tensor | None], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float bias the test phase adds, from `QuantLayer.integer_parameters()`: the dequantized
+    int32 bias (quant=default) or the float one (quant=mnn, and inputs without a per-tensor scale)."""
+    return p["bias"].to(dtype) * p["bias_scale"] if p["bias"] is not None else p["float_bias"]
+
+
 def apply_activation(y: torch.Tensor, activation: str | None, inplace: bool = False) -> torch.Tensor:
     """ReLU / ReLU6 / nothing. `inplace` where `y` is a fresh intermediate nothing else reads
     (as torchvision's float models do): saves a feature-sized allocation, same values and gradient."""
@@ -136,8 +142,7 @@ class QuantLayer(nn.Module):
             return self._mnn_integer_output(x)
         p = self.integer_parameters()
         weight = p["weight"].to(x.dtype) * _channel_view(p["weight_scale"], p["weight"].dim())
-        bias = p["bias"].to(x.dtype) * p["bias_scale"] if p["bias"] is not None else p["float_bias"]
-        y = apply_weights(self.layer, x, weight, bias)
+        y = apply_weights(self.layer, x, weight, dequantized_bias(p, x.dtype))
         return self.output_quant(apply_activation(y, self.activation))
 
     def _mnn_integer_path(self) -> bool:
