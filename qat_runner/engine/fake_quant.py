@@ -9,20 +9,19 @@ the same running range, so the model that trains is the model that is tested and
 
 Training cost: the fake quantization is a few in-place vectorized torch ops (`_grid_values`), the
 straight-through gradient a custom autograd function (`_StraightThrough`), the range update a
-few float32 scalar operations on the CPU (per tensor) or a handful of ops on tiny tensors without
-a host sync elsewhere. The values are bit for bit those of torch's
-fused `fake_quantize_per_*_affine` kernels and of the graph-built `x + (q - x).detach()` used
-before (tests/engine/test_fast_fake_quant.py), at a fraction of the time: those kernels are scalar
-loops that also write a gradient mask, and the graph version allocated two more feature-sized
-tensors per quantizer.
+few float32 operations on Python floats on the CPU (per tensor) or a handful of ops on tiny
+tensors without a host sync elsewhere. Training outputs the values of torch's fused
+`fake_quantize_per_*_affine` kernels, bit for bit (tests/engine/test_fast_fake_quant.py), at a
+fraction of the time: those kernels are scalar loops that also write a gradient mask. A layer's
+activation and output quantizer run in place on its output (`activation_quant.py`).
 """
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable
 from functools import partial
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +33,23 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # MovingAverage: a batch range over this many times the running range widens it at once. A
 # converged model's batch ranges stay well under 2x of the running range.
 OUTGROWN_FACTOR = 2.0
+_FLOAT32 = struct.Struct("f")
+
+
+def _f32(value: float) -> float:
+    """`value` rounded to the nearest float32 (overflow to +-inf), as a Python float.
+
+    One float32 operation on float32 operands gives exactly its double result rounded once to
+    float32 (a double carries more than 2*24+2 bits), so `_f32(a * b)` is the float32 product:
+    float32 arithmetic on Python floats, without numpy scalars' per-operation overhead.
+    """
+    try:
+        return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+    except OverflowError:  # struct refuses a finite double past float32's range
+        return math.copysign(math.inf, value)
+
+
+_FEATURE_SCALE_FLOOR32 = _f32(FEATURE_SCALE_FLOOR)
 
 
 def weight_limit(bits: int) -> int:
@@ -80,7 +96,7 @@ def _grid_values(x: torch.Tensor, scale: torch.Tensor | float, low: torch.Tensor
     a float `scale` (a float32 value) is used as a scalar, with its float32 reciprocal.
     Non-finite inputs stay non-finite (the kernels' int64 cast of NaN or inf is undefined).
     """
-    inv = torch.reciprocal(scale) if isinstance(scale, torch.Tensor) else float(np.float32(1.0) / np.float32(scale))
+    inv = torch.reciprocal(scale) if isinstance(scale, torch.Tensor) else _f32(1.0 / scale)
     q = torch.mul(x, inv, out=out).round_()
     if isinstance(low, torch.Tensor):
         q.clamp_min_(low).clamp_max_(high)  # one clamp_ with tensor bounds is 3x slower than these two
@@ -228,55 +244,56 @@ class FeatureQuantizer(nn.Module):
             self._update_scale(max_abs / self.quant_max, finite, first)
         else:
             self._update_range(lo, hi, finite, first)
-        self.num_updates += 1
+        self.num_updates.add_(1)  # in place: `+=` on a buffer goes through Module.__setattr__
 
-    @torch.no_grad()
     def _update_on_host(self, x: torch.Tensor) -> None:
-        """`update` for a per-tensor range on the CPU: the same rule on float32 scalars.
+        """`update` for a per-tensor range on the CPU: the batch's two ends, then `fold_on_host`."""
+        lo, hi = torch.aminmax(x.detach())
+        self.fold_on_host(lo.item(), hi.item())
 
-        The tensor path costs some 35 small torch ops per quantizer and step (about 100 us on
-        the CPU, where reading two numbers costs nothing); numpy float32 scalars round each
-        operation as those float32 ops do, so the buffers end bit for bit the same
-        (tests/engine/test_fast_fake_quant.py). On a GPU the tensor path avoids host syncs.
+    def fold_on_host(self, lo: float, hi: float) -> None:
+        """Fold a batch's range `[lo, hi]` (float32 values) into a per-tensor running range,
+        with the rule of `_update_with_tensors` computed on Python floats rounded to float32
+        after each operation (`_f32`): the buffers end bit for bit the same
+        (tests/engine/test_fast_fake_quant.py). The tensor path costs some 35 small torch ops per
+        quantizer and step (about 100 us on the CPU, where reading two numbers costs nothing);
+        on a GPU it avoids host syncs.
         """
-        f32, floor = np.float32, np.float32(FEATURE_SCALE_FLOOR)
-        lo_t, hi_t = torch.aminmax(x.detach())
-        lo, hi = f32(lo_t.item()), f32(hi_t.item())
-        finite = bool(np.isfinite(lo) and np.isfinite(hi))
+        finite = math.isfinite(lo) and math.isfinite(hi)
         first = int(self.num_updates) == 0
-        self.num_updates += 1
+        self.num_updates.add_(1)
         average = self.update_method is ScaleUpdateMethod.MovingAverage
-        m, rest = f32(self.momentum), f32(1.0 - self.momentum)
+        m, rest = _f32(self.momentum), _f32(1.0 - self.momentum)
 
-        def follow(running: np.float32, batch: np.float32, outgrown: bool, widen) -> np.float32:
+        def follow(running: float, batch: float, outgrown: bool, widen: Callable[[float, float], float]) -> float:
             if first:
                 return batch
-            return m * running + rest * batch if average and not outgrown else widen(running, batch)
+            return _f32(_f32(m * running) + _f32(rest * batch)) if average and not outgrown else widen(running, batch)
 
-        with np.errstate(all="ignore"):
-            if self.symmetric:
-                scale = f32(self.scale.item())
-                if finite:
-                    batch = max(-lo, hi) / f32(self.quant_max)
-                    scale = follow(scale, batch, bool(batch > f32(OUTGROWN_FACTOR) * scale), max)
-                scale = max(scale, floor)
-                self.scale.fill_(float(scale))
-                self.running_max.fill_(float(scale * f32(self.quant_max)))
-                self.running_min.fill_(float(-(scale * f32(self.quant_max))))
-                return
-            run_lo, run_hi = f32(self.running_min.item()), f32(self.running_max.item())
+        if self.symmetric:
+            scale = self.scale.item()
             if finite:
-                lo, hi = min(lo, f32(0.0)), max(hi, f32(0.0))
-                outgrown = bool(hi - lo > f32(OUTGROWN_FACTOR) * (run_hi - run_lo))
-                lo, hi = follow(run_lo, lo, outgrown, min), follow(run_hi, hi, outgrown, max)
-            else:
-                lo, hi = run_lo, run_hi
-            scale = max((hi - lo) / f32(self.quant_max - self.quant_min), floor)
-            zero_point = min(max(f32(self.quant_min) - np.round(lo / scale), self.quant_min), self.quant_max)
-        self.running_min.fill_(float(lo))
-        self.running_max.fill_(float(hi))
-        self.scale.fill_(float(scale))
-        self.zero_point.fill_(int(zero_point))
+                batch = _f32(max(-lo, hi) / self.quant_max)
+                scale = follow(scale, batch, batch > _f32(OUTGROWN_FACTOR * scale), max)
+            scale = max(scale, _FEATURE_SCALE_FLOOR32)
+            top = _f32(scale * self.quant_max)
+            self.scale.fill_(scale)
+            self.running_max.fill_(top)
+            self.running_min.fill_(-top)
+            return
+        run_lo, run_hi = self.running_min.item(), self.running_max.item()
+        if finite:
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            outgrown = _f32(hi - lo) > _f32(OUTGROWN_FACTOR * _f32(run_hi - run_lo))
+            lo, hi = follow(run_lo, lo, outgrown, min), follow(run_hi, hi, outgrown, max)
+        else:
+            lo, hi = run_lo, run_hi
+        scale = max(_f32(_f32(hi - lo) / (self.quant_max - self.quant_min)), _FEATURE_SCALE_FLOOR32)
+        zero_point = min(max(self.quant_min - round(_f32(lo / scale)), self.quant_min), self.quant_max)
+        self.running_min.fill_(lo)
+        self.running_max.fill_(hi)
+        self.scale.fill_(scale)
+        self.zero_point.fill_(zero_point)
 
     def _update_scale(self, batch: torch.Tensor, finite: torch.Tensor, first: torch.Tensor) -> None:
         """Symmetric: the scale itself follows the batch's max|x| / L."""
@@ -347,16 +364,15 @@ class FeatureQuantizer(nn.Module):
         return _grid_values(x, *self._grid_parameters(x))
 
     def _training_output(self, x: torch.Tensor) -> torch.Tensor:
-        """`x + (q - x)`, in place on `q`: the old `x + (q - x).detach()`, bit for bit (not
-        always `q` itself in float, e.g. far outside the range). Large per-tensor features on
-        the CPU go block by block (`BLOCK`; on a GPU, blocks would only add kernel launches)."""
+        """The grid values of `x` in a new tensor; large per-tensor features on the CPU block by
+        block (`BLOCK`; on a GPU, blocks would only add kernel launches)."""
         blockwise = x.device.type == "cpu" and x.numel() >= 2 * BLOCK and x.is_contiguous()
         if self.per_channel or not blockwise:
-            return self._training_grid_values(x).sub_(x).add_(x)
+            return self._training_grid_values(x)
         parameters = self._grid_parameters(x)
         out = torch.empty_like(x)
         for x_block, out_block in _blocks(x, out):
-            _grid_values(x_block, *parameters, out=out_block).sub_(x_block).add_(x_block)
+            _grid_values(x_block, *parameters, out=out_block)
         return out
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
@@ -372,7 +388,7 @@ class FeatureQuantizer(nn.Module):
             q = torch.clamp(torch.round(x / scale) + zero, self.quant_min, self.quant_max)
             return self._straight_through(x, (q - zero) * scale)
         if not x.requires_grad:
-            return self._training_grid_values(x)
+            return self._training_output(x)
         return _StraightThrough.apply(x, self._training_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

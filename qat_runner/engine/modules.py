@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# apply_activation is imported from here by integer.py and mnn_export.py
+from .activation_quant import ACTIVATIONS, apply_activation, quantize_layer_output
 from .config import QuantConfig, QuantScheme
 from .fake_quant import (
     FeatureQuantizer,
@@ -30,8 +32,6 @@ from .mnn_quant import (
     round_half_away,
 )
 
-ACTIVATIONS = ("relu", "relu6")
-
 
 def apply_weights(layer: nn.Conv2d | nn.Linear, x: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
@@ -45,16 +45,6 @@ def dequantized_bias(p: dict[str, torch.Tensor | None], dtype: torch.dtype = tor
     """The float bias the test phase adds, from `QuantLayer.integer_parameters()`: the dequantized
     int32 bias (quant=default) or the float one (quant=mnn, and inputs without a per-tensor scale)."""
     return p["bias"].to(dtype) * p["bias_scale"] if p["bias"] is not None else p["float_bias"]
-
-
-def apply_activation(y: torch.Tensor, activation: str | None, inplace: bool = False) -> torch.Tensor:
-    """ReLU / ReLU6 / nothing. `inplace` where `y` is a fresh intermediate nothing else reads
-    (as torchvision's float models do): saves a feature-sized allocation, same values and gradient."""
-    if activation == "relu":
-        return F.relu(y, inplace=inplace)
-    if activation == "relu6":
-        return F.relu6(y, inplace=inplace)
-    return y
 
 
 class QuantLayer(nn.Module):
@@ -135,7 +125,7 @@ class QuantLayer(nn.Module):
             if self.bn is not None:
                 y = self._batch_norm(y)
             # y is this layer's own fresh output: BatchNorm and the conv do not keep it for backward
-            return self.output_quant(apply_activation(y, self.activation, inplace=True))
+            return quantize_layer_output(self.output_quant, y, self.activation)
         if not self.mnn and (y := integer_kernel_output(self, x)) is not None:  # QLinearConv / QGemm, exactly
             return self.output_quant(y)
         if self.mnn and self._mnn_integer_path():

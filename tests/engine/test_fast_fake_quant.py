@@ -5,7 +5,9 @@ straight-through gradient as `x + (q - x).detach()`, update the range with a hos
 `modules.py` ran the activation out of place. The reference classes below are verbatim copies of
 that code (git history: `FeatureQuantizer` before the fast path). Models trained a few steps from
 one seed with each implementation must end with equal parameters, buffers, input gradients and
-test-phase logits (`torch.equal`, not a tolerance), for every feature option.
+test-phase logits (`torch.equal`, not a tolerance), for every feature option. Two changes are
+deliberate: training's output is the grid value itself (`_OnGrid`), not `x + (q - x)`, and a
+layer's ReLU/ReLU6 takes its gradient at the quantized output (`_ActivationAtOutput`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qat_runner.engine import FeatureQuantizer, QuantConfig, calibrate, turn_quantize
-from qat_runner.engine import fake_quant
+from qat_runner.engine import activation_quant, fake_quant
 from qat_runner.engine.config import ScaleUpdateMethod
 from qat_runner.engine.fake_quant import (
     FEATURE_SCALE_FLOOR,
@@ -112,7 +114,22 @@ class ReferenceFeatureQuantizer(FeatureQuantizer):
         if not (self.training or self.observing):
             return self.fake_quantize(x)
         self.update(x)
-        return self._straight_through(x, self.fake_quantize(x.detach()))
+        return _OnGrid.apply(x, self.fake_quantize(x.detach()))  # was self._straight_through(x, ...)
+
+
+class _OnGrid(torch.autograd.Function):
+    """The one deliberate change from the old code (issue 11): training outputs the fused
+    kernels' values `q` themselves, with the identity gradient. The old `x + (q - x).detach()`
+    left values beyond twice the range up to half a float step of x off the grid, and turned
+    infinite ones into NaN; now training gives the int8 model's value for every input."""
+
+    @staticmethod
+    def forward(ctx, x, q):
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 def _reference_layer_forward(self, x):
@@ -120,8 +137,30 @@ def _reference_layer_forward(self, x):
         y = apply_weights(self.layer, x, reference_fake_quantize_weight(self.layer.weight, self.bits), self.layer.bias)
         if self.bn is not None:
             y = self.bn(y)
-        return self.output_quant(apply_activation(y, self.activation))
+        # was: return self.output_quant(apply_activation(y, self.activation))
+        quantized = self.output_quant(apply_activation(y.detach(), self.activation))
+        return _ActivationAtOutput.apply(y, quantized, self.activation)
     return super(type(self), self).forward(x)
+
+
+class _ActivationAtOutput(torch.autograd.Function):
+    """The second deliberate change (issue 11): ReLU/ReLU6's gradient is read at the layer's
+    quantized output instead of the float one (torch's own backward formulas, at `q`)."""
+
+    @staticmethod
+    def forward(ctx, y, q, activation):
+        ctx.activation = activation
+        ctx.save_for_backward(q)
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (q,) = ctx.saved_tensors
+        if ctx.activation == "relu":
+            return grad.masked_fill(q <= 0, 0.0), None, None
+        if ctx.activation == "relu6":
+            return grad.masked_fill((q <= 0) | (q >= 6), 0.0), None, None
+        return grad, None, None
 
 
 class ReferenceQuantConv2d(QuantConv2d):
@@ -225,6 +264,16 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert not different, different
 
 
+def assert_at_the_range_ends(quantizer: FeatureQuantizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Training saturates +-inf at the range's ends, as the int8 model does; NaN stays NaN."""
+    shape = quantizer._grid_shape(x)
+    scale, zero = quantizer.scale.reshape(shape), quantizer.zero_point.reshape(shape)
+    for end, code in ((math.inf, quantizer.quant_max), (-math.inf, quantizer.quant_min)):
+        expected = ((code - zero) * scale).expand_as(x)
+        assert torch.equal(y.detach()[x == end], expected[x == end])
+    assert torch.equal(y.isnan(), x.isnan())
+
+
 def assert_same_values(a: torch.Tensor, b: torch.Tensor) -> None:
     """torch.equal, with NaN equal to NaN."""
     assert torch.equal(a.isnan(), b.isnan())
@@ -263,12 +312,28 @@ def check_training_and_test_phase(name: str) -> None:
         assert torch.equal(new.eval()(x), old.eval()(x))
 
 
+@pytest.mark.parametrize("name", ["default", "maximum", "symmetric"])
+def test_in_place_layer_outputs_equal_the_quantizer_modules(name, monkeypatch):
+    """A layer's activation and output quantizer in place on its output (CPU, per tensor) give
+    the values, ranges and gradients of the quantizer module path (GPU, per channel, MNN)."""
+    torch.manual_seed(0)
+    float_model = SmallNet()
+    in_place, modules = turn_quantize(float_model, CONFIGS[name]), turn_quantize(float_model, CONFIGS[name])
+    data = batches(5)
+    in_place_grads = train(in_place, data)
+    monkeypatch.setattr(activation_quant, "_in_place_applies", lambda quantizer, y: False)
+    module_grads = train(modules, data)
+    for step, (g_in_place, g_modules) in enumerate(zip(in_place_grads, module_grads)):
+        assert torch.equal(g_in_place, g_modules), f"input gradient of step {step}"
+    assert_same_tensors(in_place.state_dict(), modules.state_dict())
+
+
 @pytest.mark.parametrize("block", [None, 7], ids=["whole", "blocks"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_quantizer_guards_match_the_old_implementation(name, block, monkeypatch):
     """First batch, outgrown and shrinking ranges, non-finite and all-zero batches, values far
-    outside the range (where `x + (q - x)` is not `q` in float), linear and conv features;
-    whole tensors, or blocks of 7 elements."""
+    outside the range (where the old `x + (q - x)` was not `q` in float), linear and conv
+    features; whole tensors, or blocks of 7 elements."""
     if block is not None:
         monkeypatch.setattr(fake_quant, "BLOCK", block)
     g = torch.Generator().manual_seed(3)
@@ -287,7 +352,8 @@ def test_quantizer_guards_match_the_old_implementation(name, block, monkeypatch)
     for step, x in enumerate(sequence):
         x_new, x_old = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         y_new, y_old = new(x_new), old(x_old)
-        assert_same_values(y_new, y_old)
+        assert_same_values(y_new, y_old.where(x.isfinite(), y_new))  # the fused kernels' cast of inf is undefined
+        assert_at_the_range_ends(new, x, y_new)
         seed = torch.randn(x.shape, generator=g)
         y_new.backward(seed), y_old.backward(seed)
         assert torch.equal(x_new.grad, x_old.grad), step
@@ -361,7 +427,8 @@ def test_host_range_update_equals_the_tensor_one(symmetric, method):
     host, tensors = FeatureQuantizer(config), FeatureQuantizer(config)
     torch.manual_seed(0)
     batches = [torch.tensor([float("nan"), 1.0]), torch.tensor([-math.inf, 2.0]), torch.randn(64),
-               torch.randn(64) * 10, torch.rand(64) + 0.5, -torch.rand(64) - 3.0, torch.zeros(8)]
+               torch.randn(64) * 10, torch.rand(64) + 0.5, -torch.rand(64) - 3.0, torch.zeros(8),
+               torch.tensor([-3e38, 3e38]), torch.tensor([-1.0, 2.0])]  # a width past float32's range
     batches += [torch.randn(256) * s for s in torch.rand(20).tolist()]
     for x in batches:
         host._update_on_host(x)
