@@ -59,10 +59,9 @@ def weight_limit(bits: int) -> int:
 
 def weight_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """One symmetric scale per output channel (dim 0)."""
-    rows = weight.detach().flatten(1)
-    # max|W_c| exactly, in two reductions without a weight-sized abs() (aminmax(dim=1) is slower)
-    max_abs = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_())
-    return max_abs.clamp(min=WEIGHT_SCALE_FLOOR) / weight_limit(bits)
+    # abs().amax() in two ops: faster than two reductions and a maximum for any MobileNetV2 weight
+    max_abs = weight.detach().flatten(1).abs().amax(dim=1)
+    return max_abs.clamp_(min=WEIGHT_SCALE_FLOOR).div_(weight_limit(bits))
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -131,8 +130,10 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
 
 
 def _weight_grid_values(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    limit = weight_limit(bits)
-    return _grid_values(weight, _channel_view(weight_scale(weight, bits), weight.dim()), -limit, limit)
+    """`_grid_values` of a weight without its clamp: `|w| <= max|W_c|` keeps `w * (1/scale)`
+    within 1e-4 of [-L, L] (three float roundings), so the rounded integers are already in it."""
+    scale = _channel_view(weight_scale(weight, bits), weight.dim())
+    return torch.mul(weight, torch.reciprocal(scale)).round_().mul_(scale)
 
 
 def fake_quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:

@@ -367,6 +367,8 @@ def turn_quantize(model: nn.Module, config: QuantConfig | None = None, **setting
     _check_layer_patterns(gm, config)
     layer_nodes = _fuse_layers(gm, config)
     _insert_input_quantizers(gm, layer_nodes, config)
+    if layer_nodes:  # the first layer to run fake-quantizes all weights (QuantLayer.set_weights_ahead)
+        gm.get_submodule(layer_nodes[0].target).set_weights_ahead([gm.get_submodule(n.target) for n in layer_nodes])
     if config.scheme is QuantScheme.default:  # MNN runs adds and pools in float
         _replace_integer_ops(gm)
     _set_bn_momentum(gm, config.bn_momentum)

@@ -435,3 +435,24 @@ def test_host_range_update_equals_the_tensor_one(symmetric, method):
         tensors._update_with_tensors(x)
         for name, buffer in host.named_buffers():
             assert torch.equal(buffer, tensors.get_buffer(name)), (name, buffer, tensors.get_buffer(name))
+
+
+def test_weights_quantized_ahead_are_used_only_while_unchanged():
+    """The graph's first layer fake-quantizes every layer's weight before the forward; a layer
+    uses that tensor only if its weight is still the same tensor, unchanged since (an optimizer
+    step or a loaded state in between means quantizing again)."""
+    torch.manual_seed(0)
+    model = turn_quantize(SmallNet()).train()
+    first, fc2 = model.get_submodule("conv1"), model.get_submodule("fc2")
+    assert first._layers_ahead == [m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    model(torch.randn(2, 3, 10, 10))
+    assert all(layer._weight_ahead is None for layer in first._layers_ahead)  # each used its own
+    fc2._quantize_weight_ahead()
+    ahead = fc2._weight_ahead[2]
+    assert fc2._fake_quantized_weight() is ahead
+    fc2._quantize_weight_ahead()
+    with torch.no_grad():
+        fc2.layer.weight.mul_(3.0)
+    fresh = fc2._fake_quantized_weight()
+    assert torch.equal(fresh, fake_quantize_weight(fc2.layer.weight, fc2.bits))
+    assert not torch.equal(fresh, ahead)
