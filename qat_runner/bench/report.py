@@ -102,15 +102,17 @@ def inference(section: dict) -> str:
 
 def accuracy(section: dict) -> str:
     rows = [[r["method"], r["tool"], str(r["weight_bits"]), f"{r['accuracy']:.2%}",
+             " / ".join(f"{a:.2%}" for a in r.get("accuracy_per_seed", [])),
              f"{r['delta_to_float'] * 100:+.2f} pt", _bytes(r["bytes"]), r["scored_in"],
              f"{r['qat_train_seconds']:.0f} s" if "qat_train_seconds" in r else ""] for r in section["rows"]]
     q = section["qat_recipe"]
+    seeds = ", ".join(str(seed) for seed in q["seeds"])
     head = (f"### 3. Accuracy (Fashion-MNIST {section['image_size']}x{section['image_size']}, "
             f"{section['test_images']} test images; QAT: batch {q['batch_size']}, {q['steps']} iterations, "
-            f"SGD lr {q['lr']:g} momentum {q['momentum']:g}, seed {q['seed']}; float: "
+            f"SGD lr {q['lr']:g} momentum {q['momentum']:g}, one run per seed ({seeds}), mean accuracy; float: "
             f"{section['float_recipe']['steps']} steps from scratch)")
-    text = head + "\n\n" + _table(["method", "tool", "weight bits", "accuracy", "vs float", "size",
-                                   "scored in", "QAT wall time"], rows)
+    text = head + "\n\n" + _table(["method", "tool", "weight bits", "accuracy", "per seed", "vs float", "size",
+                                   "scored in", "QAT wall time (median)"], rows)
     missing = _unavailable_lines(section.get("unavailable", {}))
     return text + ("\n\n" + "\n".join(f"- QAT, {line}" for line in missing) if missing else "")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..engine import freeze_bn_stats
 from ..engine.export import export_float_onnx, export_int8_onnx
 from ..train import train
 from . import contenders, fashion, float_checkpoint, peers
@@ -95,28 +96,31 @@ class Workspace:
             return model, path
         return self._once(("ours_ptq", bits, size), build)
 
-    def _qat_train(self, model: nn.Module, desc: str) -> float:
-        """The shared QAT recipe: same optimizer, lr, batches (seeded stream) and steps."""
+    def _qat_train(self, model: nn.Module, desc: str, seed: int) -> float:
+        """The shared QAT recipe: same optimizer, lr, batches (`seed`'s stream) and steps."""
         q = self.settings.qat_recipe
-        torch.manual_seed(q.seed)
+        torch.manual_seed(seed)
         model.to(self.device)
         optimizer = torch.optim.SGD(model.parameters(), lr=q.lr, momentum=q.momentum, weight_decay=q.weight_decay)
-        batches = fashion.SeededBatches(self.train_images(), q.batch_size, q.seed)
+        batches = fashion.SeededBatches(self.train_images(), q.batch_size, seed)
         seconds = train(model, batches, optimizer, q.steps, self.device, desc).seconds
         model.cpu()
         return seconds
 
-    def ours_qat(self, bits: int) -> tuple[nn.Module, Path, float]:
+    def ours_qat(self, bits: int, seed: int, bn_frozen: bool = False) -> tuple[nn.Module, Path, float]:
         """Our QAT model after the recipe (calibrated first, as the runner does), its artifact,
-        and its training seconds."""
+        and its training seconds. `bn_frozen`: BatchNorm on its running statistics from the
+        first step (the runner's `quant.bn_freeze_step=0`)."""
         def build():
             model = contenders.ours_ptq(self.float_model(), self.calibration(self.train_size), bits)
-            seconds = self._qat_train(model, f"bench ours QAT w{bits}")
+            if bn_frozen:
+                freeze_bn_stats(model)
+            seconds = self._qat_train(model, f"bench ours QAT w{bits} seed {seed}", seed)
             model.eval()
-            path = export_int8_onnx(model, self.calibration(self.train_size)[0][:2],
-                                    self.artifact_dir / f"ours_qat_w{bits}_{self.train_size}.onnx")
+            name = f"ours_qat_w{bits}{'_bn_frozen' if bn_frozen else ''}_seed{seed}_{self.train_size}.onnx"
+            path = export_int8_onnx(model, self.calibration(self.train_size)[0][:2], self.artifact_dir / name)
             return model, path, seconds
-        return self._once(("ours_qat", bits), build)
+        return self._once(("ours_qat", bits, seed, bn_frozen), build)
 
     # torch.ao ---------------------------------------------------------------------------------
     def torch_ao_calibrated(self) -> nn.Module:
@@ -126,7 +130,7 @@ class Workspace:
             return contenders.torch_ao_observe(model, self.calibration(self.train_size))
         return self._once(("torch_ao_calibrated",), build)
 
-    def torch_ao_qat_int8(self) -> tuple[nn.Module, float]:
+    def torch_ao_qat_int8(self, seed: int) -> tuple[nn.Module, float]:
         """torch.ao QAT by the same recipe, converted to int8.
 
         torch.ao's documented workflow: `prepare_qat`, then train; its observers start from the
@@ -137,9 +141,9 @@ class Workspace:
         """
         def build():
             model = contenders.torch_ao_qat(self.float_state()[0])
-            seconds = self._qat_train(model, "bench torch.ao QAT")
+            seconds = self._qat_train(model, f"bench torch.ao QAT seed {seed}", seed)
             return contenders.torch_ao_convert(model), seconds
-        return self._once(("torch_ao_qat_int8",), build)
+        return self._once(("torch_ao_qat_int8", seed), build)
 
     # the peers: NNCF, Brevitas (optional) ----------------------------------------------------------
     def peer_available(self, peer: str) -> bool:
@@ -169,13 +173,14 @@ class Workspace:
         return self._once(("peer_int8", peer, size),
                           lambda: self._peer(peer, f"quantize and export at {size}px", build))
 
-    def peer_qat(self, peer: str) -> tuple[Path, float] | None:
+    def peer_qat(self, peer: str, seed: int) -> tuple[Path, float] | None:
         """The peer's QAT by the shared recipe (its ranges first set on the calibration batches, as
         its documented flow does), exported; with its training seconds."""
         def build():
             calibration = self.calibration(self.train_size)
             model = peers.quantize(peer, self.float_model(), calibration, self.device)
-            seconds = self._qat_train(model, f"bench {peer} QAT")
-            path = peers.export(peer, model, calibration[0], self.artifact_dir / f"{peer}_qat_{self.train_size}.onnx")
+            seconds = self._qat_train(model, f"bench {peer} QAT seed {seed}", seed)
+            path = peers.export(peer, model, calibration[0],
+                                self.artifact_dir / f"{peer}_qat_seed{seed}_{self.train_size}.onnx")
             return path, seconds
-        return self._once(("peer_qat", peer), lambda: self._peer(peer, "run QAT and export", build))
+        return self._once(("peer_qat", peer, seed), lambda: self._peer(peer, "run QAT and export", build))
