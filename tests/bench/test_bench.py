@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +206,19 @@ def test_openvino_and_nncf_telemetry_stay_off(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (tmp_path / "intel").exists()
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / ".git").exists(), reason="needs a git checkout")
+def test_compare_engines_times_this_engine_against_a_revision(tmp_path):
+    """The side-by-side script takes an engine from git history (here HEAD's) and times it next
+    to this checkout's and the float step, on a tiny shape."""
+    from qat_runner.bench import compare_engines
+    old = compare_engines.load_engine("HEAD", tmp_path)
+    assert old.__name__ == "engine_HEAD" and callable(old.turn_quantize)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        (row,) = compare_engines.time_steps(old, [(32, 2)], rounds=1, config={})
+    finally:
+        torch.set_num_threads(threads)
+    assert row["float_ms"] > 0 and row["new_ms"] > 0 and row["old_ms"] > 0 and row["old_over_float"] > 0
