@@ -1,7 +1,8 @@
 """QAT layers: Conv2d (optionally fused with BatchNorm2d and ReLU/ReLU6) and Linear.
 
 Training: fake-quantized weights (recomputed every step), BatchNorm on batch statistics, then
-the activation and the output feature quantizer. Test phase: BatchNorm folded into weight and
+the activation and the output feature quantizer, in place on the layer's output where they can
+be (`activation_quant.py`). Test phase: BatchNorm folded into weight and
 bias, weights as integers times per-channel scales, bias as int32 on the input*weight scale,
 output quantized with the frozen running range -- what the integer kernels compute.
 """
