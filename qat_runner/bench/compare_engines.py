@@ -26,8 +26,12 @@ from pathlib import Path
 
 import torch
 
+from ..engine import QuantConfig, calibrate, turn_quantize  # this checkout's engine
 from . import contenders, settings as bench_settings, training_cost
+from .accuracy import torch_accuracy
+from .run import CACHE_DIR
 from .timing import alternate
+from .workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,7 +53,6 @@ def time_steps(old_engine, shapes: list[tuple[int, int]], rounds: int, config: d
     for size, batch in shapes:
         x, y = training_cost.batch(size, batch)
         float_model = contenders.float_model(seed=0)
-        from ..engine import QuantConfig, turn_quantize  # this checkout's engine
         models = {"float": float_model,
                   "new": turn_quantize(float_model, QuantConfig(**config)).train(),
                   "old": old_engine.turn_quantize(float_model, old_engine.QuantConfig(**config)).train()}
@@ -67,10 +70,6 @@ def time_steps(old_engine, shapes: list[tuple[int, int]], rounds: int, config: d
 
 
 def accuracy(old_engine, seeds: list[int], config: dict) -> dict[str, list[float]]:
-    from ..engine import QuantConfig, calibrate, turn_quantize
-    from .accuracy import torch_accuracy
-    from .run import CACHE_DIR
-    from .workspace import Workspace
     scores: dict[str, list[float]] = {"new": [], "old": []}
     for seed in seeds:
         recipe = dataclasses.replace(bench_settings.QatRecipe(), seeds=(seed,))

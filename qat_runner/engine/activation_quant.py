@@ -24,20 +24,18 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from . import fake_quant
-from .fake_quant import FeatureQuantizer, _f32, _grid_values
+from .fake_quant import FeatureQuantizer, _blocks, _f32, _grid_values
 
 ACTIVATIONS = ("relu", "relu6")
 ACTIVATION_TOPS = {None: None, "relu": math.inf, "relu6": 6.0}  # upper end of the output
 
 
-def apply_activation(y: torch.Tensor, activation: str | None, inplace: bool = False) -> torch.Tensor:
-    """ReLU / ReLU6 / nothing. `inplace` where `y` is a fresh intermediate nothing else reads
-    (as torchvision's float models do): saves a feature-sized allocation, same values and gradient."""
+def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """ReLU / ReLU6 / nothing (training fuses them into the output quantizer instead)."""
     if activation == "relu":
-        return F.relu(y, inplace=inplace)
+        return F.relu(y)
     if activation == "relu6":
-        return F.relu6(y, inplace=inplace)
+        return F.relu6(y)
     return y
 
 
@@ -72,15 +70,15 @@ class _QuantizedActivation(torch.autograd.Function):
 
 def _quantize_in_place(y: torch.Tensor, scale: float, low: int, high: int) -> torch.Tensor:
     """`y`'s grid values written over it, block by block."""
-    for block in y.view(-1).split(fake_quant.BLOCK):
-        _grid_values(block, scale, low, high, out=block)
+    for block, out_block in _blocks(y, y):
+        _grid_values(block, scale, low, high, out=out_block)
     return y
 
 
 def _in_place_applies(quantizer: FeatureQuantizer, y: torch.Tensor) -> bool:
     """Training on the CPU, a per-tensor range, a contiguous float32 feature, the base quantizer."""
-    return (quantizer.training and not quantizer.per_channel and type(quantizer).forward is FeatureQuantizer.forward
-            and y.device.type == "cpu" and y.dtype == torch.float32 and y.is_contiguous())
+    return (quantizer.training and quantizer.on_host(y) and type(quantizer).forward is FeatureQuantizer.forward
+            and y.dtype == torch.float32 and y.is_contiguous())
 
 
 def _in_place_quantizer(quantizer: FeatureQuantizer, y: torch.Tensor,

@@ -230,10 +230,15 @@ class FeatureQuantizer(nn.Module):
         device ("first batch" is a tensor condition, not a host sync). No autograd graph: `x` is
         detached, the buffers need no gradient.
         """
-        if x.device.type == "cpu" and not self.per_channel:
+        if self.on_host(x):
             self._update_on_host(x)
         else:
             self._update_with_tensors(x)
+
+    def on_host(self, x: torch.Tensor) -> bool:
+        """A per-tensor range of a CPU feature: its range update and grid parameters are Python
+        numbers (`fold_on_host`, `_grid_parameters`), where reading a buffer costs no sync."""
+        return x.device.type == "cpu" and not self.per_channel
 
     def _update_with_tensors(self, x: torch.Tensor) -> None:
         """`update` in torch ops on the feature's device, without a host sync."""
@@ -348,7 +353,7 @@ class FeatureQuantizer(nn.Module):
         """Scale and integer bounds (`qmin - zp`, `qmax - zp`) of `_grid_values` for `x`: Python
         numbers for a per-tensor range on the CPU (reading them is free there, and scalar operands
         save three small ops per step), else tensors (no host sync on a GPU)."""
-        if x.device.type == "cpu" and not self.per_channel:
+        if self.on_host(x):
             zero = int(self.zero_point)
             return float(self.scale), self.quant_min - zero, self.quant_max - zero
         scale, zero = self.scale, self.zero_point
@@ -367,8 +372,7 @@ class FeatureQuantizer(nn.Module):
     def _training_output(self, x: torch.Tensor) -> torch.Tensor:
         """The grid values of `x` in a new tensor; large per-tensor features on the CPU block by
         block (`BLOCK`; on a GPU, blocks would only add kernel launches)."""
-        blockwise = x.device.type == "cpu" and x.numel() >= 2 * BLOCK and x.is_contiguous()
-        if self.per_channel or not blockwise:
+        if not (self.on_host(x) and x.numel() >= 2 * BLOCK and x.is_contiguous()):
             return self._training_grid_values(x)
         parameters = self._grid_parameters(x)
         out = torch.empty_like(x)
