@@ -44,10 +44,12 @@ def train_float(recipe: FloatRecipe, device: torch.device | str = "cpu") -> tupl
     model = float_model(seed=recipe.seed).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.steps)
+                 if recipe.lr_schedule == "cosine" else None)
     batches = fashion.SeededBatches(images, recipe.batch_size, recipe.seed)
-    result = train(model, batches, optimizer, recipe.steps, device, "bench float training")
+    result = train(model, batches, optimizer, recipe.steps, device, "bench float training", scheduler=scheduler)
     info = {"recipe": asdict(recipe), "train_seconds": result.seconds, "final_loss": result.final_loss,
-            "device": device.type}
+            "final_lr": optimizer.param_groups[0]["lr"], "device": device.type}
     return {k: v.cpu() for k, v in model.state_dict().items()}, info
 
 

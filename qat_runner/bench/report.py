@@ -107,10 +107,11 @@ def accuracy(section: dict) -> str:
              f"{r['qat_train_seconds']:.0f} s" if "qat_train_seconds" in r else ""] for r in section["rows"]]
     q = section["qat_recipe"]
     seeds = ", ".join(str(seed) for seed in q["seeds"])
+    f = section["float_recipe"]
     head = (f"### 3. Accuracy (Fashion-MNIST {section['image_size']}x{section['image_size']}, "
             f"{section['test_images']} test images; QAT: batch {q['batch_size']}, {q['steps']} iterations, "
             f"SGD lr {q['lr']:g} momentum {q['momentum']:g}, one run per seed ({seeds}), mean accuracy; float: "
-            f"{section['float_recipe']['steps']} steps from scratch)")
+            f"{f['steps']} steps from scratch, lr {f['lr']:g} {f.get('lr_schedule', 'constant')})")
     text = head + "\n\n" + _table(["method", "tool", "weight bits", "accuracy", "per seed", "vs float", "size",
                                    "scored in", "QAT wall time (median)"], rows)
     missing = _unavailable_lines(section.get("unavailable", {}))

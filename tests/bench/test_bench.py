@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,11 @@ import torch
 from qat_runner.bench import SECTIONS, peers, preset, run_benchmark
 from qat_runner.bench import __main__ as bench_main
 from qat_runner.bench.accuracy import OURS_BN_FROZEN
+from qat_runner.bench.float_checkpoint import train_float
 from qat_runner.bench import gpu_check
 from qat_runner.bench.__main__ import parse_args
 from qat_runner.bench.run import non_finite
+from qat_runner.bench.settings import FloatRecipe
 from qat_runner.bench.runtimes import openvino_unavailable
 from qat_runner.bench.targets import evaluate
 from qat_runner.bench.timing import alternate
@@ -222,3 +225,17 @@ def test_compare_engines_times_this_engine_against_a_revision(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert row["float_ms"] > 0 and row["new_ms"] > 0 and row["old_ms"] > 0 and row["old_over_float"] > 0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_float_recipe_anneals_the_lr_to_zero_or_keeps_it(schedule):
+    """The bench's float checkpoint is trained to convergence: a cosine ends at lr 0."""
+    recipe = replace(FloatRecipe(), steps=3, batch_size=8, train_images=64, lr=0.02, lr_schedule=schedule)
+    _, info = train_float(recipe)
+    assert info["final_lr"] == (pytest.approx(0.0, abs=1e-12) if schedule == "cosine" else 0.02)
+    assert math.isfinite(info["final_loss"])
+
+
+def test_float_recipe_refuses_an_unknown_lr_schedule():
+    with pytest.raises(ValueError, match=r"lr_schedule='step' is not accepted: use one of cosine, constant"):
+        FloatRecipe(lr_schedule="step")
