@@ -146,18 +146,22 @@ def test_calibrate_observes_n_batches_and_leaves_weights(make_lenet, digits, n, 
             assert torch.equal(v, bn_stats[k]), k
 
 
-def test_calibrate_ranges_match_the_data(make_lenet, digits):
-    """The input quantizer's range after calibration is the data range (first batch as is,
-    then the moving average of the batch ranges)."""
-    gm = turn_quantize(make_lenet(), momentum=0.5)
-    x1, x2 = digits.x_train[:100], digits.x_train[100:200] * 0.5
-    calibrate(gm, [x1, x2], 2)
+@pytest.mark.parametrize("update", ["MovingAverage", "Maximum"])
+def test_calibrate_ranges_match_the_data(make_lenet, digits, update):
+    """The input quantizer's range after calibration is the data range: with MovingAverage the
+    mean of the batches' ranges (each weighted equally, whatever the training momentum, which
+    is restored), with Maximum the widest."""
+    gm = turn_quantize(make_lenet(), momentum=0.9, scale_update_method=update)
+    xs = [digits.x_train[:100], digits.x_train[100:200] * 0.5, digits.x_train[200:300] * 0.25]
+    calibrate(gm, xs)
     iq = gm.get_submodule("conv1").input_quant
-    hi = 0.5 * x1.max() + 0.5 * x2.max()
+    maxes = torch.stack([x.max() for x in xs])
+    hi = maxes.mean() if update == "MovingAverage" else maxes.max()
     lo = torch.tensor(0.0)  # images are >= 0, the range always holds 0
     torch.testing.assert_close(iq.running_max, hi.reshape(1))
     torch.testing.assert_close(iq.running_min, lo.reshape(1))
     torch.testing.assert_close(iq.scale, (hi / 255).reshape(1))
+    assert all(q.momentum == 0.9 for q in quantizers(gm))
 
 
 def test_calibrate_uses_all_batches_when_num_batches_is_none(make_lenet, digits):
